@@ -145,7 +145,7 @@ def zero_shot(cfg: dict) -> dict:
     return evaluate_model(model, enc, cfg["eval_batch_size"], num_labels=len(LABELS))
 
 
-def sst2_adapter(args) -> Path:
+def sst2_adapter(args, cfg: dict) -> Path:
     """An SST-2 SpaRTA adapter on MiniLM for the encoder forgetting figure (trained once)."""
     from sparsemerge.train.loop import train
 
@@ -155,7 +155,7 @@ def sst2_adapter(args) -> Path:
               file=sys.stderr, flush=True)
         train(TrainConfig(task="sst2", density=0.005, lr=2e-3, epochs=1, batch_size=32,
                           max_length=64, seed=args.seed, output=str(path),
-                          quiet=not args.verbose))
+                          base=cfg.get("base"), quiet=not args.verbose))
     return path
 
 
@@ -165,7 +165,7 @@ def measure_forgetting(adapter: Path, args, cfg: dict) -> dict:
     if is_causal_lm(cfg.get("base"), cfg.get("gguf_file")):
         return lm_forgetting(adapter, base=cfg.get("base"), gguf_file=cfg.get("gguf_file"),
                              batch_size=8, max_length=256)
-    return task_forgetting(adapter, sst2_adapter(args), base=cfg.get("base"),
+    return task_forgetting(adapter, sst2_adapter(args, cfg), base=cfg.get("base"),
                            gguf_file=cfg.get("gguf_file"))
 
 

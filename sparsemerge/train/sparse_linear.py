@@ -17,8 +17,8 @@ The forward is the ordinary ``F.linear(x, W, b)`` on that weight, wrapped in a c
 ``torch.autograd.Function`` whose backward computes only
 
     dX      = dY @ W
-    dvalues = gate * SDDMM(dY^T, X)[idx]        (``torch.sparse.sampled_addmm`` on a CSR
-                                                pattern built once per layer)
+    dvalues = gate * (dY^T @ X)[idx]            (an SDDMM: ``torch.sparse.sampled_addmm`` on a
+                                                CSR pattern built once per layer)
     dgate   = <SDDMM, values> (+ sum(dY * (X @ D^T)) with a dense D: one extra matmul)
 
 The dense out x in weight gradient is never formed; optimizer state exists only for the
@@ -32,11 +32,16 @@ transposed copies, and those copies (torch's serial blocked transpose: ~0.35 ms 
 2048 x 384 fp32, ~2 ms for 2048 x 1536) cost more than the dot products themselves (~0.1-0.3 ms
 per MiniLM layer at 0.5-0.7 % density); the dense weight gradient would be ~3-13 ms. So:
 
-- each transpose is made exactly once, explicitly (fused with the fp32 cast for bf16/fp16
-  models, which the CPU kernel does not support). Pitfall: ``a.t().to(torch.float32,
+- each transpose is made exactly once, explicitly. ``X^T`` is made in the forward, while
+  ``X`` is still in cache, and saved instead of ``X`` (the backward needs nothing else from
+  it); ``dY^T`` in the backward (fused with the fp32 cast for bf16/fp16 models, which the CPU
+  kernel does not support). Pitfall: ``a.t().to(torch.float32,
   memory_format=torch.contiguous_format)`` silently returns the non-contiguous view for fp32
   ``a``, and ``sampled_addmm`` then transposes internally on every call;
 - targets reading the same input tensor (query/key/value) share one ``X^T``;
+- the kernel walks the CSR rows of its first operand in order and reads the second at random
+  rows; for wide inputs (in > out) the pattern is built for ``W^T`` so that the random reads
+  hit the smaller ``dY^T`` (a precomputed permutation restores row-major order);
 - features-major layouts: a target whose input is a purely elementwise function of other
   targets' outputs (``intermediate -> GELU -> output``, ``act(gate) * up -> down``) switches
   those producers to compute ``(W @ X^T)^T`` (a features-major result, same values) and
@@ -79,7 +84,18 @@ Integration
 ``nn.Linear`` as parameters ``sparse_delta_values`` / ``sparse_delta_gate`` (``register=True``),
 so ``[p for p in model.parameters() if p.requires_grad]``, DDP and ``model.zero_grad()`` see
 them like any PEFT adapter parameter; ``remove()`` unregisters them. The module's
-``forward`` is overridden on the instance only, so state-dict names are unchanged.
+``forward`` is overridden on the instance only, so state-dict names are unchanged. While
+attached, ``model.state_dict()`` holds the merged weights plus the ``sparse_delta_*`` entries:
+take adapters from ``deltas()``, and ``remove()`` before saving a base. The base weights are
+written in place: never share the attached model with code that expects ``W0`` (e.g. a
+frozen reference model); use a copy.
+
+Memory
+------
+Per trainable entry: values, their gradient and two AdamW moments (16 B), ``orig`` (4 B),
+indices and the CSR pattern (~20 B, +8 B permutation for wide layers). No dense weight
+gradient. Activations: each target keeps its input (as ``X^T``, shared by targets that read
+the same input), like full fine-tuning does; LoRA keeps inputs only of the layers it adapts.
 """
 
 from __future__ import annotations

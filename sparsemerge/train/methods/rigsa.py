@@ -260,9 +260,13 @@ class RIGSA(Method):
                     d = self._init(name).reshape(-1)
                     d[i] = 0.0
                     dense_init[name] = d.view(self.shapes[name])
+            # layouts=False: sparse_linear's layout switch is decided by probing the first
+            # training forward after attaching, which happens at a different step in a
+            # resumed run than in an uninterrupted one (pruning attaches mid-run), and the two
+            # layouts sum in different orders: resuming would not be bit-exact.
             self.sparse = attach_sparse_deltas(self.backbone, idx, impl=self.config.impl,
                                                gate=1.0, dense_init=dense_init,
-                                               values_init=values)
+                                               values_init=values, layouts=False)
             with torch.no_grad():
                 for name, t in self.sparse.targets.items():
                     t.gate.fill_(gates[name])
