@@ -6,6 +6,10 @@ touched indices, so ``undo()`` restores the base bit-exactly (no ``W - delta`` r
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,38 @@ class _Saved:
     original: torch.Tensor
 
 
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def _prefault_for_write(weight: torch.Tensor) -> None:
+    """Fault in ``weight``'s pages for writing in one kernel call (best effort).
+
+    transformers and safetensors map the base file lazily (copy-on-write). A sparse write
+    touches nearly every page (0.5 % density is ~5 entries per 4 KiB page), and taking those
+    copy-on-write faults one trap at a time cost 2.7x more than this batched populate on
+    MiniLM (46 ms vs 17 ms, bench/format.py). On resident memory it is a cheap no-op.
+    """
+    madvise = _madvise()
+    if madvise is None or weight.device.type != "cpu" or weight.numel() == 0:
+        return
+    start = weight.data_ptr()
+    aligned = start - start % mmap.PAGESIZE
+    madvise(aligned, start + weight.numel() * weight.element_size() - aligned,
+            _MADV_POPULATE_WRITE)  # an error (old kernel, odd mapping) just means no prefault
+
+
 def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
     """Write ``weight + delta`` into ``weight`` (computed in fp32); return what undoes it.
 
@@ -33,6 +69,7 @@ def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
     """
     if target.init is None and target.lowrank is None and target.sparse is not None:
         flat = weight.view(-1)
+        _prefault_for_write(flat)
         idx = target.sparse.indices
         original = flat.index_select(0, idx)
         delta = target.sparse.values.float()
