@@ -11,6 +11,12 @@ from typing import Annotated, Any
 import typer
 
 from sparsemerge.cli.common import console, print_json, user_errors
+from sparsemerge.cli.multihead import (
+    TASK_HELP,
+    evaluate_merged,
+    predict_merged,
+    refuse_adapter_options,
+)
 from sparsemerge.data import TASKS
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.train.config import TrainConfig
@@ -44,6 +50,17 @@ def _method_params(pairs: list[str] | None) -> dict[str, str]:
                                    "--param mask_seed=7")
         out[key.strip()] = value.strip()
     return out
+
+
+def _one_preset(tasks: list[str] | None) -> str | None:
+    """An adapter is scored on one preset task: ``--task NAME`` at most once, no ``=FILE``."""
+    if not tasks:
+        return None
+    if len(tasks) > 1 or "=" in tasks[0]:
+        raise SparseMergeError("--task NAME=FILE and repeated --task are for merged models "
+                               "(merge --heads); for an adapter give one preset name, or "
+                               "--data FILE with its columns")
+    return tasks[0]
 
 
 def _resolve(path: str) -> Path:
@@ -266,12 +283,15 @@ def _forgetting(adapter: str, alongside: str | None, *, json_out: bool, **kw: An
 
 
 def evaluate(
-    adapter: Annotated[str, typer.Argument(help="Adapter directory (or hf://owner/name).")],
+    adapter: Annotated[str, typer.Argument(
+        help="Adapter directory, merged multi-head model directory (merge --heads), or "
+             "hf://owner/name.")],
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter "
                                                   "was trained on).")] = None,
     gguf_file: Annotated[str | None, typer.Option(help="A .gguf file inside --base.")] = None,
-    task: Annotated[str | None, typer.Option(help=f"Preset task ({_TASKS}) to evaluate on.",
-                                             rich_help_panel=_DATA)] = None,
+    task: Annotated[list[str] | None, typer.Option(
+        metavar="TASK[=FILE]", help=f"{TASK_HELP} Presets: {', '.join(TASKS)}.",
+        rich_help_panel=_DATA)] = None,
     data_dir: Annotated[str | None, typer.Option(help="Folder with the preset's files "
                                                       "(default: the shipped subset).",
                                                  rich_help_panel=_DATA)] = None,
@@ -287,7 +307,8 @@ def evaluate(
                                                      help="Label column of --data.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed rows.",
                                                 rich_help_panel=_DATA)] = False,
-    head: Annotated[str | None, typer.Option(help="Which head of a multi-task adapter.")
+    head: Annotated[str | None, typer.Option(
+        help="Which head of a multi-task adapter; of a merged model, the only one scored.")
                     ] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longer examples are truncated.")] = 512,
@@ -304,16 +325,28 @@ def evaluate(
         rich_help_panel=_FORGET)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Score an adapter on labelled data: accuracy, F1, Matthews, loss.
+    """Score an adapter or a merged model on labelled data: accuracy, F1, Matthews, loss.
 
-    Without --task / --data the adapter is scored on the dev split of the
-    preset task it was trained on. With --forgetting it measures what the
-    base could do before and after adaptation instead (see
-    sparsemerge.forgetting).
+    Without --task / --data an adapter is scored on the dev split of the
+    preset task it was trained on, a merged multi-head model on the dev
+    split of each head named after a preset (sst2, cola, ...). With
+    --forgetting it measures what the base could do before and after
+    adaptation instead (see sparsemerge.forgetting).
+
+    A merged model takes --task once per head: HEAD=FILE scores that
+    head on a CSV / TSV / JSONL file (read in the preset's GLUE layout
+    when the head is named after one, else from the columns text and
+    label, or --text-column / --label-column); HEAD=PRESET or just
+    HEAD (named after a preset) on the preset's --split from --data-dir
+    or, without it, the subset shipped with sparsemerge.
 
     Examples:
 
     $ sparsemerge evaluate sst2
+
+    $ sparsemerge evaluate merged --task sst2=dev.tsv --task cola=cola_dev.tsv
+
+    $ sparsemerge evaluate merged --task sst2 --task cola --data-dir ../shared/data
 
     $ sparsemerge evaluate sst2 --task sst2 --data-dir ../shared/data
 
@@ -326,15 +359,28 @@ def evaluate(
     """
     from sparsemerge.data import load_task, read_table
     from sparsemerge.evaluate import evaluate_data, load_adapted
+    from sparsemerge.formats.merged import is_merged_dir
 
+    with user_errors():
+        path = _resolve(adapter)
+        if is_merged_dir(path):
+            refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force,
+                                   forgetting=forgetting, alongside=alongside, data=data)
+            evaluate_merged(path, adapter, tasks=task, head=head, batch_size=batch_size,
+                            max_length=max_length, json_out=json_out, data_dir=data_dir,
+                            split=split, text_column=text_column,
+                            text_pair_column=text_pair_column, label_column=label_column,
+                            skip_bad_rows=skip_bad_rows)
+            return
+        task = _one_preset(task)
     if forgetting or alongside is not None:
         _forgetting(adapter, alongside, base=base, gguf_file=gguf_file, task=task,
                     data_dir=data_dir, split=split, batch_size=batch_size,
                     max_length=max_length, force=force, json_out=json_out)
         return
     with user_errors():
-        model, tok, ad, head_name = load_adapted(_resolve(adapter), base, gguf_file=gguf_file,
-                                                 task=head, force=force)
+        model, tok, ad, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
+                                                 force=force)
         labels = ad.heads[head_name].labels
         hp = ad.hyperparameters
         if data is not None:
@@ -371,33 +417,47 @@ def evaluate(
 
 
 def predict(
-    adapter: Annotated[str, typer.Argument(help="Adapter directory (or hf://owner/name).")],
+    adapter: Annotated[str, typer.Argument(
+        help="Adapter directory, merged multi-head model directory (merge --heads), or "
+             "hf://owner/name.")],
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
     pair: Annotated[list[str] | None, typer.Option(
         "--pair", help="Second text of a pair task, once per text, in order.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter "
                                                   "was trained on).")] = None,
     gguf_file: Annotated[str | None, typer.Option(help="A .gguf file inside --base.")] = None,
-    head: Annotated[str | None, typer.Option(help="Which head of a multi-task adapter.")
+    head: Annotated[str | None, typer.Option(
+        help="Which head of a multi-task adapter; of a merged model, show only this head.")
                     ] = None,
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
                      ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Classify texts with an adapter: most likely label and probability.
+    """Classify texts: most likely label and probability.
+
+    An adapter answers for its task; a merged multi-head model (merge
+    --heads) answers for every task at once, from one backbone pass.
 
     Examples:
 
     $ sparsemerge predict sst2 "a gripping, beautiful film" "a total bore"
 
     $ sparsemerge predict mrpc "He left." --pair "He went away." --json
+
+    $ sparsemerge predict merged "The film were great." --json
     """
     from sparsemerge.evaluate import load_adapted
     from sparsemerge.evaluate import predict as predict_api
+    from sparsemerge.formats.merged import is_merged_dir
 
     with user_errors():
-        model, tok, _, head_name = load_adapted(_resolve(adapter), base, gguf_file=gguf_file,
-                                                task=head, force=force)
+        path = _resolve(adapter)
+        if is_merged_dir(path):
+            refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force)
+            predict_merged(path, adapter, texts, pair, head, json_out)
+            return
+        model, tok, _, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
+                                                force=force)
         if pair and len(pair) != len(texts):
             raise SparseMergeError(f"{len(texts)} texts but {len(pair)} --pair values; give "
                                    "one --pair per text")

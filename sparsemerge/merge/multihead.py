@@ -267,14 +267,12 @@ class MultiHeadModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, data: Mapping[str, Any], *, batch_size: int = 64, max_length: int = 512,
-                 text_column: str | None = None, label_column: str | None = None
-                 ) -> dict[str, dict[str, float]]:
-        """``{task: metrics}`` for each task's labelled data (a ``LabeledData`` or a file).
+                 **options: Any) -> dict[str, dict[str, float]]:
+        """``{task: metrics}`` for each task's labelled data (see :func:`task_data` for what a
+        value may be and for ``options``).
 
         Metrics are those of :func:`sparsemerge.evaluate.evaluate_model` (accuracy, F1,
-        Matthews correlation, loss, examples). A file for a preset task (``sst2``, ``cola``,
-        ...) is read with that task's layout; other files need ``text``/``label`` columns
-        (or ``text_column`` / ``label_column``). Over-long examples are truncated, not dropped.
+        Matthews correlation, loss, examples). Over-long examples are truncated, not dropped.
         """
         from sparsemerge.data import encode
         from sparsemerge.evaluate import evaluate_model
@@ -286,7 +284,7 @@ class MultiHeadModel(nn.Module):
             if task not in self.heads:
                 raise SparseMergeError(f"no head for task {task!r}; this model has "
                                        f"{', '.join(self.tasks)}")
-            labeled = _labeled(task, source, self.labels(task), text_column, label_column)
+            labeled = task_data(task, source, self.labels(task), **options)
             encoded, _ = encode(labeled, tok, limit, drop_long=False)
 
             def fn(batch: dict[str, torch.Tensor], task: str = task) -> torch.Tensor:
@@ -297,23 +295,43 @@ class MultiHeadModel(nn.Module):
         return results
 
 
-def _labeled(task: str, source: Any, labels: list[str], text_column: str | None,
-             label_column: str | None):
-    """``source`` as LabeledData whose label ids index ``labels`` (the head's order)."""
-    from sparsemerge.data import TASKS, LabeledData, read_table
+def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | Path | None = None,
+              split: str = "dev", text_column: str | None = None,
+              text_pair_column: str | None = None, label_column: str | None = None,
+              skip_bad_rows: bool = False):
+    """The labelled data a head ``task`` is scored on, with label ids indexing ``labels``.
 
+    ``source`` is one of:
+
+    * a ``LabeledData`` (its labels are matched to the head's by name);
+    * ``None``: the preset task named ``task`` (``sst2``, ``cola``, ...), its ``split`` from
+      ``data_dir`` or, without one, the subset shipped with sparsemerge;
+    * a preset name that is not an existing path: that preset, as above (for a head named
+      otherwise, e.g. ``sentiment`` scored on ``sst2``);
+    * a CSV / TSV / JSONL file (or ``hf://`` path). For a head named after a preset it is
+      read in the preset's layout (e.g. GLUE's ``dev.tsv``) unless columns are given; other
+      files need ``text`` / ``label`` columns or ``text_column`` / ``label_column``.
+    """
+    from sparsemerge.data import TASKS, Example, LabeledData, load_task, read_table
+
+    labels = list(labels)
+    if source is None or (isinstance(source, str) and source in TASKS
+                          and not Path(source).exists()):
+        preset = task if source is None else source
+        if preset not in TASKS:
+            raise SparseMergeError(f"head {task!r} is not a preset task ({', '.join(TASKS)}): "
+                                   f"give its data as {task}=FILE")
+        source = load_task(preset, data_dir, split, skip_bad_rows=skip_bad_rows)
     if isinstance(source, LabeledData):
         if source.labels == labels:
             return source
         unknown = sorted(set(source.labels) - set(labels))
         if unknown:
-            raise SparseMergeError(f"task {task}: the data has labels {unknown} that the head "
-                                   f"does not know ({', '.join(labels)})")
+            raise SparseMergeError(f"task {task}: {source.source} has labels {unknown} that the "
+                                   f"head does not know ({', '.join(labels)})")
         remap = {i: labels.index(n) for i, n in enumerate(source.labels)}
-        from sparsemerge.data import Example
-
         return LabeledData([Example(e.text, e.text_pair, remap[e.label]) for e in source],
-                           list(labels), source.source, source.skipped)
+                           labels, source.source, source.skipped)
     from sparsemerge.hub import resolve_path
 
     path = resolve_path(source) if isinstance(source, str) else Path(source)
@@ -322,9 +340,10 @@ def _labeled(task: str, source: Any, labels: list[str], text_column: str | None,
         return read_table(path, text_column=spec.text_column,
                           text_pair_column=spec.text_pair_column, label_column=spec.label_column,
                           labels=labels, has_header=spec.has_header, columns=spec.columns,
-                          file_format=spec.file_format)
-    return read_table(path, text_column=text_column or "text",
-                      label_column=label_column or "label", labels=labels)
+                          file_format=spec.file_format, skip_bad_rows=skip_bad_rows)
+    return read_table(path, text_column=text_column or "text", text_pair_column=text_pair_column,
+                      label_column=label_column or "label", labels=labels,
+                      skip_bad_rows=skip_bad_rows)
 
 
 def predict_merged(path: str | Path, texts: Sequence[str], pairs: Sequence[str] | None = None,
@@ -336,10 +355,13 @@ def predict_merged(path: str | Path, texts: Sequence[str], pairs: Sequence[str] 
 
 
 def evaluate_merged(path: str | Path, data: Mapping[str, Any], *, batch_size: int = 64,
-                    model: MultiHeadModel | None = None) -> dict[str, dict[str, float]]:
-    """Load the merged model at ``path`` and return ``{task: metrics}`` for ``{task: file}``."""
+                    model: MultiHeadModel | None = None, **options: Any
+                    ) -> dict[str, dict[str, float]]:
+    """Load the merged model at ``path`` and return ``{task: metrics}`` for ``{task: data}``
+    (values and ``options`` as :func:`task_data` takes them)."""
     model = model or MultiHeadModel.from_pretrained(path)
-    return model.evaluate(data, batch_size=batch_size)
+    return model.evaluate(data, batch_size=batch_size, **options)
 
 
-__all__ = ["MultiHeadModel", "evaluate_merged", "head_model", "predict_merged", "task_config"]
+__all__ = ["MultiHeadModel", "evaluate_merged", "head_model", "predict_merged", "task_config",
+           "task_data"]

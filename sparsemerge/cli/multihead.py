@@ -1,0 +1,140 @@
+"""``predict`` and ``evaluate`` on a merged multi-head model directory (``merge --heads``).
+
+The commands in :mod:`sparsemerge.cli.train` hand over here when their path holds a merged
+model (:func:`sparsemerge.formats.merged.is_merged_dir`); this module is a thin layer over
+:class:`sparsemerge.merge.multihead.MultiHeadModel` and :func:`~sparsemerge.merge.multihead.
+task_data`, which decides what ``--task NAME=SOURCE`` means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from sparsemerge.cli.common import console, print_json, user_errors
+from sparsemerge.errors import SparseMergeError
+
+TASK_HELP = ("Adapter: one preset name. Merged model: HEAD=FILE, HEAD=PRESET or HEAD, "
+             "repeatable (see above).")
+
+
+def refuse_adapter_options(path: str, **given: Any) -> None:
+    """Options that only make sense for an adapter applied to a base are errors here."""
+    bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
+    if bad:
+        raise SparseMergeError(f"{path} is a merged multi-head model directory (it carries its "
+                               f"own backbone and heads): {', '.join(bad)} apply to adapters "
+                               "only")
+
+
+def parse_task_specs(items: Sequence[str] | None) -> dict[str, str | None]:
+    """``["sst2=dev.tsv", "cola"]`` -> ``{"sst2": "dev.tsv", "cola": None}``."""
+    out: dict[str, str | None] = {}
+    for item in items or []:
+        name, sep, source = (s.strip() for s in item.partition("="))
+        if not name or (sep and not source):
+            raise SparseMergeError(f"--task {item!r}: write HEAD=FILE, HEAD=PRESET or HEAD")
+        if name in out:
+            raise SparseMergeError(f"--task names head {name!r} twice")
+        out[name] = source if sep else None
+    return out
+
+
+def _check_heads(model: Any, names: Sequence[str], path: str) -> None:
+    unknown = [n for n in names if n not in model.tasks]
+    if unknown:
+        raise SparseMergeError(f"{path} has no head {', '.join(map(repr, unknown))}; its heads "
+                               f"are {', '.join(model.tasks)}")
+
+
+def predict_merged(path: Path, shown: str, texts: list[str], pairs: list[str] | None,
+                   head: str | None, json_out: bool) -> None:
+    """Every head's label and probability for each text (``--head`` keeps one)."""
+    from sparsemerge.merge.multihead import MultiHeadModel
+
+    with user_errors():
+        if pairs and len(pairs) != len(texts):
+            raise SparseMergeError(f"{len(texts)} texts but {len(pairs)} --pair values; give "
+                                   "one --pair per text")
+        model = MultiHeadModel.from_pretrained(path)
+        if head is not None:
+            _check_heads(model, [head], shown)
+        preds = model.predict(texts, pairs or None, tasks=[head] if head else None)
+    rows = [{"text": t, **({"pair": pairs[i]} if pairs else {}),
+             "tasks": {task: {"label": p[i][0], "probability": p[i][1]}
+                       for task, p in preds.items()}}
+            for i, t in enumerate(texts)]
+    if json_out:
+        print_json({"model": shown, "tasks": list(preds), "predictions": rows})
+        return
+    table = Table(title=f"predictions of {escape(shown)}", title_justify="left")
+    table.add_column("text")
+    for task in preds:
+        table.add_column(f"{escape(task)} (label, p)")
+    for r in rows:
+        text = r["text"] + (f"  ||  {r['pair']}" if "pair" in r else "")
+        table.add_row(escape(text), *[f"{escape(v['label'])} {v['probability']:.3f}"
+                                      for v in r["tasks"].values()])
+    console.print(table)
+
+
+def evaluate_merged(path: Path, shown: str, *, tasks: Sequence[str] | None, head: str | None,
+                    batch_size: int, max_length: int, json_out: bool, **data_options: Any
+                    ) -> None:
+    """Each head's metrics on its data (``data_options``: as ``task_data`` takes them)."""
+    from sparsemerge.data import TASKS
+    from sparsemerge.merge.multihead import MultiHeadModel, task_data
+
+    with user_errors():
+        specs = parse_task_specs(tasks)
+        model = MultiHeadModel.from_pretrained(path)
+        if not specs:
+            if head is not None:
+                _check_heads(model, [head], shown)
+            specs = {t: None for t in ([head] if head else model.tasks) if t in TASKS}
+            if not specs:
+                raise SparseMergeError(f"no head of {shown} ({', '.join(model.tasks)}) is named "
+                                       f"after a preset task: pass --task HEAD=FILE")
+        _check_heads(model, list(specs), shown)
+        results: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for task, source in specs.items():
+            data = task_data(task, source, model.labels(task), **data_options)
+            metrics = model.evaluate({task: data}, batch_size=batch_size,
+                                     max_length=max_length)[task]
+            spec = TASKS.get(task) or TASKS.get(source or "")
+            results[task] = {"data": data.source, "skipped_bad_rows": data.skipped,
+                             "metric": spec.metrics[0] if spec else None, "metrics": metrics}
+        wall = time.perf_counter() - t0
+    left = [t for t in model.tasks if t not in results]
+    info = {"model": shown, "tasks": results, "not_evaluated": left,
+            "wall_time_s": round(wall, 2)}
+    if json_out:
+        print_json(info)
+        return
+    console.print(metrics_table(f"evaluation of {shown}",
+                                {t: (r["data"], r["metric"], r["metrics"])
+                                 for t, r in results.items()}))
+    if left:
+        console.print(f"not evaluated: {escape(', '.join(left))} (pass --task HEAD=FILE)",
+                      highlight=False)
+
+
+def metrics_table(title: str, rows: dict[str, tuple[str, str | None, dict[str, Any]]]) -> Table:
+    """One row per ``name: (data, headline metric, metrics)``; the headline in bold."""
+    keys: list[str] = []
+    for _, _, m in rows.values():
+        keys += [k for k in m if k not in keys and k != "examples"]
+    t = Table(title=escape(title), title_justify="left")
+    for col in ("", "data", "examples", *keys):
+        t.add_column(col, justify="right" if col not in ("", "data") else "left")
+    for name, (data, headline, m) in rows.items():
+        cells = [f"[bold]{m[k]:.4f}[/]" if k == headline else f"{m[k]:.4f}" if k in m else "-"
+                 for k in keys]
+        t.add_row(escape(name), escape(str(data)), str(m.get("examples", "-")), *cells)
+    return t
