@@ -77,16 +77,17 @@ def method_for(name: str, config):
     return METHODS[name](config)
 
 
-def lora_matched_density(base=None, rank: int = 8, modules=("query", "value")
-                         ) -> tuple[float, int, int]:
-    """(density, LoRA trainable count, numel of all linear targets): the SpaRTA density (over
-    every linear layer) that trains as many entries as LoRA of ``rank`` on ``modules``."""
+def lora_matched_density(base=None, rank: int = 8, modules=("query", "value"),
+                         targets: str | None = None) -> tuple[float, int, int]:
+    """(density, LoRA trainable count, numel of the targets): the SpaRTA density over
+    ``targets`` (a regex as ``--targets``; default every linear layer) that trains as many
+    entries as LoRA of ``rank`` on ``modules``."""
     from sparsemerge.models import default_targets, load_backbone
 
     bb = load_backbone(base)
     lora = sum(rank * (m.in_features + m.out_features) for n, m in bb.named_modules()
                if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in modules)
-    numel = sum(bb.get_parameter(n).numel() for n in default_targets(bb))
+    numel = sum(bb.get_parameter(n).numel() for n in default_targets(bb, targets))
     return lora / numel, lora, numel
 
 
