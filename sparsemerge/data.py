@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from sparsemerge.errors import DataError
+from sparsemerge.formats.atomic import atomic_write_bytes
 
 __all__ = [
     "TASKS",
@@ -60,6 +61,7 @@ __all__ = [
     "make_subset",
     "num_batches",
     "plain_text_sample",
+    "read_data_bytes",
     "read_table",
     "resolve_pad_token_id",
     "shipped_dir",
@@ -196,8 +198,13 @@ def _detect_format(path: Path, file_format: str | None) -> str:
     return _FORMATS[ext]
 
 
-def _read_text(path: Path) -> str:
-    """Whole file as text: gunzipped if gzip, BOM dropped, invalid UTF-8 kept as surrogates."""
+def read_data_bytes(path: str | Path) -> bytes:
+    """A data file's bytes, gunzipped when gzip (told by its magic bytes, not its name).
+
+    The one reader of every data file (tables here, MNIST idx files in ``textual_mnist``),
+    so that a missing, unreadable or corrupt file is always a :class:`DataError` naming it.
+    """
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -208,12 +215,17 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    elif path.suffix.lower() == ".gz":
+    if path.suffix.lower() == ".gz":
         raise DataError(f"{path}: name ends in .gz but the file is not gzip-compressed")
-    text = raw.decode("utf-8", errors="surrogateescape")
+    return raw
+
+
+def _read_text(path: Path) -> str:
+    """Whole file as text: gunzipped if gzip, BOM dropped, invalid UTF-8 kept as surrogates."""
+    text = read_data_bytes(path).decode("utf-8", errors="surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
     return text
@@ -728,13 +740,13 @@ def make_subset(
     ``n=None`` copies every row. Row ``i`` is chosen when it is among the ``n`` smallest
     ``blake2b(f"{seed}:{i}", digest_size=8)`` digests -- a selection that depends on nothing
     but the seed and the row count, so it is reproducible on every platform and Python
-    version. Returns the number of rows written.
+    version. ``dst`` is written atomically. Returns the number of rows written.
     """
     srcs = [src] if isinstance(src, (str, Path)) else list(src)
     header: bytes | None = None
     rows: list[bytes] = []
     for k, s in enumerate(srcs):
-        data = Path(s).read_bytes()
+        data = read_data_bytes(s)
         lines = data.splitlines(keepends=True)
         if lines and not lines[-1].endswith(b"\n"):
             lines[-1] += b"\n"
@@ -750,12 +762,7 @@ def make_subset(
             return hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
 
         keep = sorted(sorted(range(len(rows)), key=key)[:n])
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "wb") as f:
-        if header is not None:
-            f.write(header)
-        f.writelines(rows[i] for i in keep)
+    atomic_write_bytes(dst, (header or b"") + b"".join(rows[i] for i in keep))
     return len(keep)
 
 

@@ -17,23 +17,19 @@ position in the idx file), readable with
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import json
-import os
-import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from sparsemerge.data import read_data_bytes
 from sparsemerge.errors import DataError
+from sparsemerge.formats.atomic import atomic_write_bytes
 
 __all__ = [
     "LABELS",
     "PROMPT_TEMPLATE",
     "SPLITS",
-    "atomic_write_text",
     "prompt",
     "read_idx",
     "to_text",
@@ -64,17 +60,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     ``dims`` (uint8 for MNIST: ``(n,)`` labels, ``(n, 28, 28)`` images).
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    raw = read_data_bytes(path)
     if len(raw) < 4:
         raise DataError(f"{path}: too short for an idx file ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
@@ -154,42 +140,6 @@ def prompt(text: str) -> str:
 _prompt = prompt  # write_jsonl's ``prompt`` flag shadows the function's name
 
 
-def _file_mode(out: Path) -> int:
-    """Keep an existing file's mode; else what open() would give (0o666 minus the umask)."""
-    try:
-        return out.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_write_text(out: str | Path, text: str) -> None:
-    """Write ``text`` to ``out`` atomically: temp file in the same folder, fsync, rename."""
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise DataError(f"{out}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(out))
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError, AttributeError):
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def write_jsonl(
     images_path: str | Path,
     labels_path: str | Path,
@@ -202,9 +152,11 @@ def write_jsonl(
     """Convert MNIST idx images ``[start, stop)`` to Textual MNIST JSON Lines; return the count.
 
     Each row is ``{"text": to_text(image, size), "label": "<digit>", "index": i}``, with the
-    text wrapped by :func:`prompt` when ``prompt`` is true. The output is written atomically.
-    Raises :class:`DataError` if the files disagree in count, the images are not 3-D uint8,
-    a label is outside 0..9 or the range is empty or out of bounds.
+    text wrapped by :func:`prompt` when ``prompt`` is true. The output is written atomically
+    (:mod:`sparsemerge.formats.atomic`: a full disk or a read-only folder is a
+    :class:`SparseMergeError`, and no temp file stays). Raises :class:`DataError` if the files
+    disagree in count, the images are not 3-D uint8, a label is outside 0..9 or the range is
+    empty or out of bounds.
     """
     images = read_idx(images_path)
     labels = read_idx(labels_path)
@@ -233,5 +185,5 @@ def write_jsonl(
             text = _prompt(text)
         lines.append(json.dumps({"text": text, "label": str(int(labels[i])), "index": i},
                                 ensure_ascii=False))
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
     return len(lines)

@@ -329,6 +329,40 @@ def test_read_only_output_keeps_previous_version(tmp_path):
             os.chmod(d, 0o755)
 
 
+def test_disk_full_data_writers(small_fs, tmp_path):
+    """``data textual-mnist`` (write_jsonl) and make_subset write through formats.atomic: a
+    full disk is one SparseMergeError naming the output, the previous file stays, and no
+    temp file is left."""
+    import numpy as np
+
+    from sparsemerge.data import make_subset
+    from sparsemerge.textual_mnist import write_jsonl
+    from tests.test_textual_mnist import idx_bytes
+
+    n = 400  # ~100 KB of JSON Lines at 14x14: more than the 64 KiB tmpfs
+    images, labels = tmp_path / "img.idx3", tmp_path / "lab.idx1"
+    images.write_bytes(idx_bytes(np.random.default_rng(0).integers(0, 256, (n, 28, 28),
+                                                                    dtype=np.uint8)))
+    labels.write_bytes(idx_bytes(np.arange(n, dtype=np.uint8) % 10))
+    out = small_fs / "mnist.jsonl"
+    write_jsonl(images, labels, out, size=4, stop=10)
+    before = out.read_bytes()
+    with pytest.raises(SparseMergeError, match="No space left on device") as err:
+        write_jsonl(images, labels, out)
+    assert str(out) in str(err.value)
+    assert out.read_bytes() == before and sorted(p.name for p in small_fs.iterdir()) == [
+        "mnist.jsonl"]
+    r = _invoke("data", "textual-mnist", "--images", str(images), "--labels", str(labels),
+                "-o", str(small_fs / "cli.jsonl"))
+    assert r.exit_code == 2 and "No space left on device" in r.stderr
+    src = tmp_path / "rows.tsv"
+    src.write_text("sentence\tlabel\n" + "".join(f"row {i} {'x' * 60}\t1\n"
+                                                 for i in range(2000)))
+    with pytest.raises(SparseMergeError, match="No space left on device"):
+        make_subset(src, small_fs / "subset.tsv", 1500)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["mnist.jsonl"]
+
+
 # ----------------------------------------------------------------------------- wrong base
 
 

@@ -193,9 +193,8 @@ def test_write_jsonl_errors(small_mnist, tmp_path):
     bad.write_bytes(idx_bytes(np.full(12, 11, dtype=np.uint8)))
     with pytest.raises(DataError, match="not a digit"):
         write_jsonl(ip, bad, out)
-    with pytest.raises(DataError, match="does not exist"):
-        write_jsonl(ip, lp, tmp_path / "nodir" / "x.jsonl")
     assert not out.exists()
+    assert write_jsonl(ip, lp, tmp_path / "new" / "x.jsonl") == 12  # folders made, as -o does
 
 
 # ---------------------------------------------------------------------------------------------
