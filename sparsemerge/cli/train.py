@@ -31,6 +31,7 @@ _DATA = "Data"
 _OPT = "Optimisation"
 _OUT = "Output and checkpoints"
 _FORGET = "Forgetting"
+_DEV = "Devices and scale-out"
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -94,6 +95,8 @@ def run_training(config: TrainConfig, json_out: bool) -> dict[str, Any]:
     from sparsemerge.train.loop import train as train_api
 
     result = train_api(config)
+    if result.rank != 0:  # under torchrun / accelerate launch only rank 0 reports
+        return {}
     info = {
         "output": str(result.output) if result.output else None,
         "method": config.method,
@@ -191,6 +194,15 @@ def train(
     impl: Annotated[str, typer.Option(help="Sparse-delta implementation: fast (SDDMM, memory "
                                            "∝ trainable entries) or autograd (reference).",
                                       rich_help_panel=_OPT)] = _D["impl"],
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda, or auto (CUDA when torch sees a GPU). Under torchrun / accelerate "
+             "launch each process takes the GPU numbered by its LOCAL_RANK.",
+        rich_help_panel=_DEV)] = _D["device"],
+    dtype: Annotated[str, typer.Option(
+        help="Compute dtype: fp32, or bf16 / fp16 autocast (matmuls and activations in half "
+             "precision; weights, trainable values and optimizer state stay fp32; fp16 adds "
+             "gradient scaling). bf16 is the choice on recent GPUs.",
+        rich_help_panel=_DEV)] = _D["dtype"],
     eval_steps: Annotated[int | None, typer.Option(help="Evaluate every N steps (default: "
                                                         "each epoch).", rich_help_panel=_OPT)
                           ] = None,
@@ -236,6 +248,11 @@ def train(
 
     Interrupted? Re-run the same command with --resume (needs
     --checkpoint-steps N); the result is bit-identical.
+
+    Several processes (DistributedDataParallel; --batch-size is per
+    process, gradients are averaged over all of them):
+
+    $ torchrun --nproc-per-node 2 -m sparsemerge.cli train --task sst2 -o sst2
     """
     with user_errors():
         config = TrainConfig(
@@ -246,7 +263,8 @@ def train(
             label_column=label_column, labels=_split_list(labels), skip_bad_rows=skip_bad_rows,
             max_length=max_length, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, impl=impl, eval_steps=eval_steps, patience=patience,
+            batch_size=batch_size, impl=impl, device=device, dtype=dtype,
+            eval_steps=eval_steps, patience=patience,
             output=str(output), save_dtype=save_dtype, checkpoint_steps=checkpoint_steps,
             checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet or json_out,
         )

@@ -20,10 +20,13 @@ from sparsemerge.errors import SparseMergeError
 
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 IMPLS = ("fast", "autograd")
+DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 
-# Options that may differ between a run and its resumption (they do not change the result).
+# Options that may differ between a run and its resumption (they do not change the result;
+# ``device`` only its rounding: a run moved to another device resumes, not bit-exactly).
 RESUME_FREE = frozenset({"resume", "quiet", "checkpoint_steps", "checkpoint_dir", "output",
-                         "eval_batch_size"})
+                         "eval_batch_size", "device"})
 
 
 @dataclass
@@ -65,6 +68,8 @@ class TrainConfig:
     batch_size: int = 32
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
     impl: str = "fast"  # sparse-delta implementation: fast (SDDMM) or autograd (oracle)
+    device: str = "auto"  # cpu, cuda or auto (CUDA when available); per rank: cuda:LOCAL_RANK
+    dtype: str = "fp32"  # compute dtype: bf16 / fp16 autocast; weights and values stay fp32
 
     # -- evaluation and stopping ------------------------------------------------------------
     eval_steps: int | None = None  # evaluate every N steps; None = at the end of each epoch
@@ -123,6 +128,11 @@ class TrainConfig:
             raise bad("grad_clip", f"must be > 0 (or unset), got {self.grad_clip}")
         if self.impl not in IMPLS:
             raise bad("impl", f"must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.device not in DEVICES:
+            raise bad("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}, "
+                               f"got {self.dtype!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise bad("save_dtype", f"must be one of {', '.join(SAVE_DTYPES)}, "
                                     f"got {self.save_dtype!r}")

@@ -13,12 +13,25 @@ epoch, the torch RNG state and the early-stopping/history state, so ``resume`` c
 *bit-exactly* where the interrupted run was (the learning-rate schedule is a function of the
 step alone).
 
-Scale-out. ``rank`` / ``world_size`` shard every global batch of ``batch_size * world_size``
-examples across processes (``data.batches``); with ``world_size > 1`` and an initialised
-``torch.distributed`` process group the model is wrapped in ``DistributedDataParallel``,
-which all-reduces (averages) the gradients of every trainable parameter -- sparse deltas and
-head alike, since both are registered ``nn.Parameter``s. Every rank evaluates the whole dev
-set (identical results, so early stopping agrees) and only rank 0 writes files.
+Scale-out. Under ``torchrun`` / ``accelerate launch`` :func:`train` joins the launcher's
+process group (``distributed.process_group``). ``rank`` / ``world_size`` shard every global
+batch of ``batch_size * world_size`` examples across processes (``data.batches``) and the model
+is wrapped in ``DistributedDataParallel``, which all-reduces (averages) the gradients of every
+trainable parameter -- sparse delta values, RIGSA gates and the head alike, all registered
+``nn.Parameter``s -- so every rank takes the same optimizer step. Each rank's loss is weighted
+by its share of the global batch (the last batch of an epoch can be dealt unevenly), so the
+step equals a one-process step on the whole global batch up to summation order. DDP is told to
+ignore the frozen weights and buffers: each rank loaded them from the same files (checked by
+all-gathering the base fingerprint), and broadcasting them would move the whole model at
+start-up and again whenever RIGSA re-attaches (which re-wraps the model). The fast sparse path
+writes ``orig + delta`` into the weight from scratch on every sync, never incrementally, so
+nothing a broadcast or a re-wrap does can apply a delta twice. Every rank evaluates the whole
+dev set (identical results, so early stopping agrees); the training loss/accuracy of the
+history are summed over the ranks; only rank 0 writes files. A checkpoint holds every rank's
+RNG state, so a resumed DDP run continues bit-exactly too (same number of processes).
+
+Devices. ``config.device`` places the model (``cuda:LOCAL_RANK`` per rank) and
+``config.dtype`` sets the autocast dtype of forward passes (see ``distributed``).
 """
 
 from __future__ import annotations
@@ -56,11 +69,19 @@ from sparsemerge.models import (
     load_tokenizer,
 )
 from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.distributed import (
+    all_gather,
+    all_sum,
+    autocast,
+    grad_scaler,
+    process_group,
+    resolve_device,
+)
 from sparsemerge.train.heads import export_head, head_parameters, init_head
 from sparsemerge.train.methods import Method, get_method
 
 CHECKPOINT_FILE = "state.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: one RNG state per rank and the world size (1: one process)
 
 
 @dataclass
@@ -86,10 +107,21 @@ class Run:
     rank: int = 0
     world_size: int = 1
     step: int = 0  # optimizer steps done
+    device: torch.device = torch.device("cpu")
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def autocast(self):
+        """The forward's autocast context (``config.dtype``; nothing for fp32)."""
+        return autocast(self.device, self.config.dtype)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """Every trainable parameter of the model, by name (what checkpoints store)."""
@@ -108,6 +140,7 @@ class TrainResult:
     head_params: int
     stopped_early: bool = False
     data_info: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process's rank (only rank 0 wrote ``output``)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -197,16 +230,36 @@ def build_optimizer(run_or_method: Method, model: nn.Module, config: TrainConfig
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _settle(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+def _settle(model: nn.Module, batch: dict[str, torch.Tensor], run_autocast) -> None:
     """One training-mode forward (no backward; RNG state untouched) before the first step.
 
     Whatever the trainable layers decide on their first forward -- the fast sparse path picks
     memory layouts then, which changes summation order -- is decided before step 1, so every
     step computes the same way and a resumed run matches an uninterrupted one bit for bit.
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), run_autocast:
         model.train()
         model(**batch)
+
+
+def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` reducing only the trainable parameters (see the
+    module docstring for why frozen weights and buffers are not broadcast)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def _rebuild(run: Run) -> None:
+    """After the method changed its trainable tensors: a new optimizer (and DDP wrapper)."""
+    run.optimizer = build_optimizer(run.method, run.model, run.config)
+    if run.world_size > 1:
+        run.forward = _wrap(run.model, run.device)
+    run.method.rebuild_optimizer = False
 
 
 def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | None = None,
@@ -217,6 +270,7 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
     ``config``), e.g. for a method defined outside the package.
     """
     rank, world_size = _dist(rank, world_size)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if method is None:
         method = get_method(config.method)(config)  # validates the method's params first
@@ -255,21 +309,26 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
               base=config.base, gguf_file=config.gguf_file)
     for _, p in head_parameters(model):
         p.requires_grad_(True)
+    model.to(device)  # before the method attaches (its fp32 values live on the weight's device)
 
     def sample_batches() -> Iterator[dict]:
-        return batches(train_enc, config.batch_size, True, config.seed, 0, rank, world_size)
+        for b in batches(train_enc, config.batch_size, True, config.seed, 0, rank, world_size):
+            yield b if device.type == "cpu" else {k: v.to(device) for k, v in b.items()}
 
     method.prepare(model, target_names, config, batches=sample_batches)
-    _settle(model, next(sample_batches()))
+    _settle(model, next(sample_batches()), autocast(device, config.dtype))
 
     forward: nn.Module = model
     if world_size > 1:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise SparseMergeError("world_size > 1 needs torch.distributed initialised "
                                    "(run under torchrun / accelerate launch)")
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(model)
+        prints = set(all_gather(base.fingerprint))
+        if len(prints) > 1:
+            raise SparseMergeError(f"the ranks loaded different weights for base {model_id} "
+                                   f"(fingerprints {', '.join(sorted(prints))}): every process "
+                                   "must read the same base")
+        forward = _wrap(model, device)
 
     steps_per_epoch = num_batches(len(train_enc["labels"]), config.batch_size, world_size)
     total = config.max_steps or config.epochs * steps_per_epoch
@@ -279,7 +338,7 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
               dev_data=dev_enc, data_info=data_info, target_names=target_names, base=base,
               optimizer=optimizer, steps_per_epoch=steps_per_epoch, total_steps=total,
               warmup_steps=round(config.warmup_ratio * total), rank=rank,
-              world_size=world_size)
+              world_size=world_size, device=device, scaler=grad_scaler(device, config.dtype))
     return run
 
 
@@ -287,23 +346,35 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """One optimizer step on ``batch``; returns (loss, number of correct predictions)."""
-    cfg, opt = run.config, run.optimizer
+    """One optimizer step on ``batch`` (this rank's share of the global batch); returns
+    (this rank's mean loss, its number of correct predictions)."""
+    cfg, opt, scaler = run.config, run.optimizer, run.scaler
     factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * factor
+    batch = run.to_device(batch)
     run.forward.train()
-    out = run.forward(**batch)
-    out.loss.backward()
+    with run.autocast():
+        out = run.forward(**batch)
+    loss = out.loss
+    if run.world_size > 1:  # DDP averages over ranks: weight by this rank's share of rows
+        n = batch["labels"].numel()
+        loss = loss * (n * run.world_size / all_sum([float(n)], run.device)[0])
+    (loss if scaler is None else scaler.scale(loss)).backward()
     if cfg.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     run.method.after_step()
     if run.method.rebuild_optimizer:  # e.g. RIGSA pruned after round_steps steps
-        run.optimizer = build_optimizer(run.method, run.model, cfg)
-        run.method.rebuild_optimizer = False
+        _rebuild(run)
     run.step += 1
     correct = int((out.logits.detach().argmax(-1) == batch["labels"]).sum())
     return float(out.loss.detach()), correct
@@ -312,8 +383,14 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
 def evaluate(run: Run) -> dict[str, float] | None:
     if run.dev_data is None:
         return None
+
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
+        with run.autocast():
+            return run.model(**run.to_device(inputs)).logits.float().cpu()
+
     return evaluate_model(run.model, run.dev_data, run.config.eval_batch_size,
-                          num_labels=len(run.labels))
+                          num_labels=len(run.labels), logits=logits)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -335,17 +412,29 @@ def _restore(run: Run, values: dict[str, torch.Tensor]) -> None:
         p.copy_(values[n])  # bumps the version counter: merged weights re-sync
 
 
+def _rng_state(run: Run) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.device)
+    return state
+
+
 def save_checkpoint(run: Run, path: Path, position: dict, state: dict) -> None:
+    """Called on every rank (it gathers their RNG states); rank 0 writes."""
     from sparsemerge.formats.atomic import atomic_directory
 
+    rngs = all_gather(_rng_state(run))
+    if not run.is_main:
+        return
     blob = {
         "version": CHECKPOINT_VERSION,
         "config": run.config.to_dict(),
-        "position": dict(position),
+        "position": {**position, "world_size": run.world_size},
         "params": _snapshot(run),
         "optimizer": run.optimizer.state_dict(),
+        "scaler": None if run.scaler is None else run.scaler.state_dict(),
         "method": run.method.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rngs,
         "state": state,
     }
     with atomic_directory(path) as tmp:
@@ -359,12 +448,20 @@ def load_checkpoint(run: Run, path: Path) -> tuple[dict, dict]:
         raise SparseMergeError(f"--resume: no checkpoint at {file}; train without --resume "
                                "(with --checkpoint-steps N) first")
     try:
-        blob = torch.load(file, weights_only=True)
+        blob = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as exc:  # torch raises several types for a damaged file
         raise SparseMergeError(f"--resume: cannot read {file}: {exc}") from None
-    if blob.get("version") != CHECKPOINT_VERSION:
-        raise SparseMergeError(f"{file}: checkpoint version {blob.get('version')} is not "
+    version = blob.get("version")
+    if version not in (1, CHECKPOINT_VERSION):
+        raise SparseMergeError(f"{file}: checkpoint version {version} is not "
                                f"supported (expected {CHECKPOINT_VERSION})")
+    if version == 1:  # one process, CPU RNG only
+        blob["rng"], blob["scaler"] = [{"cpu": blob["rng"]}], None
+    saved_world = int(blob["position"].get("world_size", 1))
+    if saved_world != run.world_size:
+        raise SparseMergeError(f"--resume: {file} was written by a run of {saved_world} "
+                               f"process(es), this one has {run.world_size}; resume with the "
+                               f"same number (torchrun --nproc-per-node {saved_world})")
     saved = TrainConfig.from_dict(blob["config"])
     diff = run.config.differences(saved)
     if diff:
@@ -374,13 +471,17 @@ def load_checkpoint(run: Run, path: Path) -> tuple[dict, dict]:
                                f"{shown}; resume with the same options")
     run.method.load_state_dict(blob["method"])
     if run.method.rebuild_optimizer:
-        run.optimizer = build_optimizer(run.method, run.model, run.config)
-        run.method.rebuild_optimizer = False
+        _rebuild(run)
     _restore(run, blob["params"])
     run.optimizer.load_state_dict(blob["optimizer"])
     for g in run.optimizer.param_groups:  # lr is recomputed from the step; keep initial_lr
         g.setdefault("initial_lr", g["lr"])
-    torch.set_rng_state(blob["rng"])
+    if run.scaler is not None and blob["scaler"] is not None:
+        run.scaler.load_state_dict(blob["scaler"])
+    rng = blob["rng"][run.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     run.step = int(blob["position"]["step"])
     return blob["position"], blob["state"]
 
@@ -432,7 +533,16 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def train(config: TrainConfig, *, rank: int | None = None, world_size: int | None = None,
           run: Run | None = None) -> TrainResult:
-    """Train, evaluate, checkpoint, and save the adapter to ``config.output`` (rank 0)."""
+    """Train, evaluate, checkpoint, and save the adapter to ``config.output`` (rank 0).
+
+    Started by ``torchrun`` / ``accelerate launch``, every process calls this: it joins the
+    launcher's process group for the run (see ``distributed.process_group``)."""
+    with process_group(config.device):
+        return _train(config, rank, world_size, run)
+
+
+def _train(config: TrainConfig, rank: int | None, world_size: int | None,
+           run: Run | None) -> TrainResult:
     t0 = time.perf_counter()
     run = run or setup(config, rank=rank, world_size=world_size)
     cfg = run.config
@@ -452,6 +562,8 @@ def train(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
     ckpt = cfg.checkpoint_path
     if cfg.resume:
         position, state = load_checkpoint(run, ckpt)
+        if not run.is_main:  # rank 0's checkpoint holds the ranks' summed loss window
+            state["window"] = [0.0, 0, 0]
         epoch, skip = int(position["epoch"]), int(position["batch"])
         if bar.bar is not None:
             bar.bar.update(bar.task, completed=run.step)
@@ -461,7 +573,8 @@ def train(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
 
     def do_eval() -> None:
         metrics = evaluate(run)
-        total_loss, correct, seen = state["window"]
+        total_loss, correct, seen = all_sum(state["window"], run.device)  # over the ranks
+        correct, seen = int(correct), int(seen)
         entry = {"step": run.step, "epoch": epoch + 1,
                  "train_loss": total_loss / seen if seen else None,
                  "train_accuracy": correct / seen if seen else None}
@@ -485,7 +598,10 @@ def train(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
                 + (" | early stop" if state["stopped"] else ""))
 
     def checkpoint(batch_pos: int) -> None:
-        if run.is_main and ckpt is not None and cfg.checkpoint_steps is not None:
+        if ckpt is not None and cfg.checkpoint_steps is not None:
+            # The loss window is per rank: rank 0 takes the sum, so its checkpoint holds it.
+            window = all_sum(state["window"], run.device)
+            state["window"] = window if run.is_main else [0.0, 0, 0]
             save_checkpoint(run, ckpt, {"step": run.step, "epoch": epoch, "batch": batch_pos},
                             state)
 
@@ -512,8 +628,7 @@ def train(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
         else:  # the epoch ran to its end
             run.method.end_of_epoch(epoch)
             if run.method.rebuild_optimizer:
-                run.optimizer = build_optimizer(run.method, run.model, cfg)
-                run.method.rebuild_optimizer = False
+                _rebuild(run)
             if cfg.eval_steps is None:
                 do_eval()
             epoch, skip = epoch + 1, 0
@@ -539,13 +654,15 @@ def train(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
                        steps=run.step, wall_time=time.perf_counter() - t0, output=out,
                        trainable=run.method.num_trainable(),
                        head_params=sum(p.numel() for _, p in head_parameters(run.model)),
-                       stopped_early=bool(state["stopped"]), data_info=run.data_info)
+                       stopped_early=bool(state["stopped"]), data_info=run.data_info,
+                       rank=run.rank)
 
 
 def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -> SparseAdapter:
     cfg = run.config
     hp = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("output", "resume", "quiet", "checkpoint_dir", "checkpoint_steps")}
+          if k not in ("output", "resume", "quiet", "checkpoint_dir", "checkpoint_steps",
+                       "device")}
     hp["method_params"] = dict(run.method.hparams)
     hp["datasets"] = [cfg.task if cfg.task else str(cfg.train_file)]
     hp["head"] = run.task
