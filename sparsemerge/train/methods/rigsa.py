@@ -221,10 +221,6 @@ class RIGSA(Method):
 
     def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise SparseMergeError("method 'rigsa' does not support multi-process training "
-                                   "yet (its parameter set changes every pruning round)")
         self.backbone = backbone_of(model)
         self.names = list(target_names)
         scale = self.hparams["init_scale"]
