@@ -363,6 +363,82 @@ def test_disk_full_data_writers(small_fs, tmp_path):
     assert sorted(p.name for p in small_fs.iterdir()) == ["mnist.jsonl"]
 
 
+# ----------------------------------------------------------------------- merged model files
+
+
+@pytest.fixture(scope="module")
+def merged_pair(tiny_bert_dir, tmp_path_factory):
+    """Two merged model directories written from the same inputs."""
+    from sparsemerge.merge.engine import merge_adapters
+    from sparsemerge.merge.stream import save_merged_model
+    from tests.test_merge_engine import make_adapter as merge_input
+
+    merged = merge_adapters([merge_input(tiny_bert_dir, "sst2", 1),
+                             merge_input(tiny_bert_dir, "topic", 2, labels=("a", "b", "c"))],
+                            "ties", {"density": 0.5})
+    root = tmp_path_factory.mktemp("merged-files")
+    for name in ("one", "two"):
+        save_merged_model(merged, root / name)
+    return root / "one", root / "two", merged
+
+
+def test_merged_heads_are_byte_reproducible(merged_pair):
+    """Same inputs, same bytes: safetensors.torch.save ordered the head's __metadata__ keys
+    differently from one call to the next."""
+    from sparsemerge.formats.merged import safetensors_bytes
+
+    one, two, merged = merged_pair
+    files = sorted(p.relative_to(one) for p in (one / "heads").rglob("*") if p.is_file())
+    assert len(files) == 4
+    for f in files + [Path("model.safetensors")]:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    params = merged.heads["topic"].params
+    blobs = {safetensors_bytes(params, {"format": "pt", "task": "topic", "x": "y"})
+             for _ in range(20)}
+    assert len(blobs) == 1
+    back = safetensors.torch.load(blobs.pop())
+    assert back.keys() == params.keys() and all(torch.equal(back[k], params[k]) for k in back)
+
+
+def _poison(file: Path, tensor: str, at_end: bool = False, value: float = float("nan")) -> None:
+    """Overwrite one float32 element of ``tensor`` in a safetensors file, in place."""
+    import json
+    import struct
+
+    raw = bytearray(file.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    start, stop = json.loads(raw[8:8 + n])[tensor]["data_offsets"]
+    pos = 8 + n + (stop - 4 if at_end else start)
+    raw[pos:pos + 4] = struct.pack("<f", value)
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("where", ["backbone", "backbone-last-block", "head"])
+def test_merged_nan_inf_rejected_naming_file_and_tensor(merged_pair, tmp_path, where,
+                                                        monkeypatch):
+    from sparsemerge.errors import FormatError
+    from sparsemerge.formats import merged as merged_format
+    from sparsemerge.formats.merged import read_merged
+    from sparsemerge.merge.multihead import MultiHeadModel
+
+    one, _, _ = merged_pair
+    bad = tmp_path / "bad"
+    shutil.copytree(one, bad)
+    read_merged(bad)  # a clean copy reads
+    if where == "head":
+        file, tensor = bad / "heads" / "topic" / "head.safetensors", "weight"
+        _poison(file, tensor, value=float("inf"))
+    else:
+        file, tensor = bad / "model.safetensors", "encoder.layer.1.output.dense.weight"
+        if where == "backbone-last-block":  # 64-byte blocks; the NaN is in the tensor's last
+            monkeypatch.setattr(merged_format, "FINITE_CHUNK_BYTES", 64)
+        _poison(file, tensor, at_end=where == "backbone-last-block")
+    for load in (read_merged, MultiHeadModel.from_pretrained):
+        with pytest.raises(FormatError, match="NaN or Inf") as err:
+            load(bad)
+        assert str(file) in str(err.value) and f"tensor {tensor} " in str(err.value)
+
+
 # ----------------------------------------------------------------------------- wrong base
 
 

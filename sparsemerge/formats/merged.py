@@ -57,6 +57,7 @@ DEFAULT_MAX_SHARD_SIZE = 2 * 10**9
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 MAX_JSON_BYTES = 64 * 1024 * 1024
+FINITE_CHUNK_BYTES = 64 * 1024 * 1024  # NaN/Inf scan of backbone shards: block size
 
 # safetensors dtype names <-> torch dtypes (what the streaming writer can copy through)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -236,14 +237,22 @@ def head_config(task: str, *, module: str, labels: list[str], problem_type: str,
     }
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A whole safetensors file, byte-reproducible: tensors sorted by name, the header written
+    by :func:`_header` (``safetensors.torch.save`` orders ``__metadata__`` keys differently
+    from one process to the next, so identical inputs gave different bytes)."""
+    names = sorted(tensors)
+    specs = [TensorSpec(n, ST_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
+    return _header(specs, metadata) + b"".join(bytes(_tensor_bytes(tensors[n])) for n in names)
+
+
 def write_head(out_dir: Path, task: str, params: dict[str, torch.Tensor],
                config: dict[str, Any]) -> Path:
-    """``out_dir/heads/<task>/{head.safetensors, head_config.json}`` (inside an atomic dir)."""
+    """``out_dir/heads/<task>/{head.safetensors, head_config.json}`` (inside an atomic dir);
+    the same head gives the same bytes."""
     d = out_dir / HEADS_DIR / check_task_name(task)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-    (d / HEAD_WEIGHTS).write_bytes(
-        safetensors.torch.save(tensors, metadata={"format": "pt", "task": task}))
+    (d / HEAD_WEIGHTS).write_bytes(safetensors_bytes(params, {"format": "pt", "task": task}))
     (d / HEAD_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return d
 
@@ -322,8 +331,11 @@ def _weight_files(path: Path) -> list[str]:
                       "are missing")
 
 
-def _check_shard_header(file: Path) -> None:
-    """Cheap structural check of a safetensors file (header only, no tensor data read)."""
+def _check_shard_header(file: Path) -> list[tuple[str, str, int, int]]:
+    """Cheap structural check of a safetensors file (header only, no tensor data read).
+
+    Returns each tensor's name, dtype name and absolute byte span in the file.
+    """
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -355,6 +367,35 @@ def _check_shard_header(file: Path) -> None:
     if 8 + n + end != size:
         raise FormatError(f"{file}: size {size} does not match its header ({8 + n + end} "
                           "bytes expected); the file is truncated or corrupt")
+    return [(name, header[name]["dtype"], 8 + n + start, 8 + n + stop)
+            for start, stop, name in spans]
+
+
+def _check_finite(file: Path, spans: list[tuple[str, str, int, int]]) -> None:
+    """No NaN / Inf in any floating-point tensor of a shard whose header is checked.
+
+    Streams the file in blocks of at most :data:`FINITE_CHUNK_BYTES` into one reused
+    buffer, so memory stays bounded whatever the shard size; the pages read are the ones
+    transformers reads next, so loading pays little extra.
+    """
+    buf = bytearray(min(FINITE_CHUNK_BYTES, max((b - a for _, _, a, b in spans), default=0)))
+    try:
+        with open(file, "rb") as f:
+            for name, dtype_name, start, stop in spans:
+                dtype = ST_DTYPES[dtype_name]
+                if not dtype.is_floating_point or stop == start:
+                    continue
+                step = len(buf) - len(buf) % dtype.itemsize
+                f.seek(start)
+                for lo in range(start, stop, step):
+                    got = f.readinto(memoryview(buf)[:min(step, stop - lo)])
+                    if not got:
+                        raise FormatError(f"{file}: tensor {name}: the file ends early")
+                    block = torch.frombuffer(buf, dtype=dtype, count=got // dtype.itemsize)
+                    if not torch.isfinite(block if dtype.itemsize > 1 else block.float()).all():
+                        raise FormatError(f"{file}: tensor {name} contains NaN or Inf")
+    except OSError as exc:
+        raise FormatError(f"{file}: cannot read: {exc}") from None
 
 
 def _naturals(xs: Any) -> bool:
@@ -433,7 +474,12 @@ def read_head(path: Path, task: str) -> HeadFiles:
 
 
 def read_merged(path: str | Path) -> MergedFiles:
-    """Validate a merged-model directory and read its recipe, config and heads."""
+    """Validate a merged-model directory and read its recipe, config and heads.
+
+    Every backbone shard's header is checked against its size and every floating-point
+    tensor in it is scanned for NaN / Inf (streamed, see :func:`_check_finite`); head
+    tensors likewise. Failures raise :class:`FormatError` naming the file and tensor.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FormatError(f"{path}: not a directory (a merged model is a directory)")
@@ -459,7 +505,7 @@ def read_merged(path: str | Path) -> MergedFiles:
         raise FormatError(f"{config_file}: not a transformers config (no model_type)")
     files = _weight_files(path)
     for f in files:
-        _check_shard_header(path / f)
+        _check_finite(path / f, _check_shard_header(path / f))
     heads_dir = path / HEADS_DIR
     on_disk = sorted(p.name for p in heads_dir.iterdir() if p.is_dir()) if heads_dir.is_dir() \
         else []
