@@ -133,16 +133,20 @@ def minilm(counts: list[int], tmp: Path) -> dict:
 # ------------------------------------------------------------------------------ streaming
 
 
-def make_synthetic(path: Path, layers: int) -> Path:
+def make_synthetic(path: Path, layers: int, *, hidden: int = 1024, intermediate: int = 2816,
+                   vocab: int = 30522, heads: int = 16, shard_bytes: int = 500 * 10**6) -> Path:
+    """A Llama-style checkpoint with random fp32 weights, written tensor by tensor into
+    ``shard_bytes`` shards (the generator holds one tensor at a time, not the model)."""
     from transformers import LlamaConfig
 
     from sparsemerge.formats.merged import ShardPlan, TensorSpec, write_shards
     from sparsemerge.merge.stream import meta_backbone
     from sparsemerge.models import demo_base_path
 
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=1024, intermediate_size=2816,
-                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
-                      pad_token_id=0, max_position_embeddings=512)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=max(1, heads // 4), pad_token_id=0,
+                      max_position_embeddings=512)
     path.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(path)
     sd = meta_backbone(cfg).state_dict()
@@ -152,7 +156,7 @@ def make_synthetic(path: Path, layers: int) -> Path:
     def produce(spec):
         return torch.randn(spec.shape, generator=gen) * 0.02
 
-    write_shards(path, ShardPlan.plan(specs, 500 * 10**6), produce)
+    write_shards(path, ShardPlan.plan(specs, shard_bytes), produce)
     src = demo_base_path()
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / f).exists():
