@@ -64,12 +64,13 @@ def launch_env(env: dict[str, str] | None = None) -> Launch | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Under a launcher each process takes the
-    GPU numbered by its ``LOCAL_RANK``."""
+    """``auto`` -> CUDA when available (and ``accelerate launch --cpu`` was not asked for),
+    else CPU. Under a launcher each process takes the GPU numbered by its ``LOCAL_RANK``."""
     if name not in DEVICES:
         raise SparseMergeError(f"--device: must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        cpu_asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        name = "cuda" if torch.cuda.is_available() and not cpu_asked else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
