@@ -52,8 +52,8 @@ def _check_heads(model: Any, names: Sequence[str], path: str) -> None:
                                f"are {', '.join(model.tasks)}")
 
 
-def predict_merged(path: Path, shown: str, texts: list[str], pairs: list[str] | None,
-                   head: str | None, json_out: bool) -> None:
+def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] | None,
+                    head: str | None, json_out: bool) -> None:
     """Every head's label and probability for each text (``--head`` keeps one)."""
     from sparsemerge.merge.multihead import MultiHeadModel
 
@@ -83,9 +83,9 @@ def predict_merged(path: Path, shown: str, texts: list[str], pairs: list[str] | 
     console.print(table)
 
 
-def evaluate_merged(path: Path, shown: str, *, tasks: Sequence[str] | None, head: str | None,
-                    batch_size: int, max_length: int, json_out: bool, **data_options: Any
-                    ) -> None:
+def evaluate_command(path: Path, shown: str, *, tasks: Sequence[str] | None,
+                     head: str | None, batch_size: int, max_length: int, json_out: bool,
+                     **data_options: Any) -> None:
     """Each head's metrics on its data (``data_options``: as ``task_data`` takes them)."""
     from sparsemerge.data import TASKS
     from sparsemerge.merge.multihead import MultiHeadModel, task_data

@@ -13,8 +13,8 @@ import typer
 from sparsemerge.cli.common import console, err_console, print_json, user_errors
 from sparsemerge.cli.multihead import (
     TASK_HELP,
-    evaluate_merged,
-    predict_merged,
+    evaluate_command,
+    predict_command,
     refuse_adapter_options,
 )
 from sparsemerge.data import TASKS
@@ -385,11 +385,11 @@ def evaluate(
         if is_merged_dir(path):
             refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force,
                                    forgetting=forgetting, alongside=alongside, data=data)
-            evaluate_merged(path, adapter, tasks=task, head=head, batch_size=batch_size,
-                            max_length=max_length, json_out=json_out, data_dir=data_dir,
-                            split=split, text_column=text_column,
-                            text_pair_column=text_pair_column, label_column=label_column,
-                            skip_bad_rows=skip_bad_rows)
+            evaluate_command(path, adapter, tasks=task, head=head, batch_size=batch_size,
+                             max_length=max_length, json_out=json_out, data_dir=data_dir,
+                             split=split, text_column=text_column,
+                             text_pair_column=text_pair_column, label_column=label_column,
+                             skip_bad_rows=skip_bad_rows)
             return
         task = _one_preset(task)
     if forgetting or alongside is not None:
@@ -473,7 +473,7 @@ def predict(
         path = _resolve(adapter)
         if is_merged_dir(path):
             refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force)
-            predict_merged(path, adapter, texts, pair, head, json_out)
+            predict_command(path, adapter, texts, pair, head, json_out)
             return
         model, tok, _, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
                                                 force=force)
