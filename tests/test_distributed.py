@@ -175,16 +175,33 @@ def test_device_and_dtype_options():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_cpu_autocast_learns_like_fp32(plain_bert_dir, data, dtype):
+def test_cli_device_dtype_options():
+    from typer.testing import CliRunner
+
+    from sparsemerge.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--task", "sst2", "--dtype", "int8", "-o", "x"])
+    assert res.exit_code != 0 and "--dtype: must be one of fp32, bf16, fp16" in res.output
+    res = CliRunner().invoke(app, ["train", "--task", "sst2", "--device", "tpu", "-o", "x"])
+    assert res.exit_code != 0 and "--device: must be one of auto, cpu, cuda" in res.output
+
+
+@pytest.fixture(scope="module")
+def fp32_run(plain_bert_dir, data):
     opts = {**_options(plain_bert_dir, data), "batch_size": 8, "epochs": 3}
-    ref = train(TrainConfig(**opts))
+    return opts, train(TrainConfig(**opts))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cpu_autocast_learns_like_fp32(fp32_run, dtype):
+    opts, ref = fp32_run
     half = train(TrainConfig(**opts, dtype=dtype))
     first, last = half.history[0]["train_loss"], half.history[-1]["train_loss"]
     assert last < first - 0.1  # it learns
     for h, r in zip(half.history, ref.history, strict=True):  # and tracks the fp32 run
         assert h["train_loss"] == pytest.approx(r["train_loss"], abs=0.05)
     assert half.metrics["loss"] == pytest.approx(ref.metrics["loss"], abs=0.05)
+    assert half.metrics["loss"] != ref.metrics["loss"]  # autocast did run in half precision
     assert half.adapter.hyperparameters["dtype"] == dtype
 
 

@@ -40,6 +40,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The forward's autocast context (``config.dtype``; nothing for fp32)."""
         return autocast(self.device, self.config.dtype)
 
@@ -230,7 +231,8 @@ def build_optimizer(run_or_method: Method, model: nn.Module, config: TrainConfig
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _settle(model: nn.Module, batch: dict[str, torch.Tensor], run_autocast) -> None:
+def _settle(model: nn.Module, batch: dict[str, torch.Tensor],
+            run_autocast: AbstractContextManager) -> None:
     """One training-mode forward (no backward; RNG state untouched) before the first step.
 
     Whatever the trainable layers decide on their first forward -- the fast sparse path picks
