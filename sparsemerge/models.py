@@ -7,6 +7,7 @@ for Llama, so one adapter fits the bare backbone and every task model built on i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import re
@@ -48,12 +49,31 @@ def resolve_base(base: str | Path | None, gguf_file: str | None = None) -> tuple
     return base, gguf_file  # a local directory, or a Hub id resolved through the HF cache
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-load progress bar and load report while we load a base: the
+    report's "classifier MISSING" is expected (sparsemerge initialises heads itself) and the
+    bars would interleave with our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(cls, base: str | Path | None, gguf_file: str | None, **kw):
     path, gguf = resolve_base(base, gguf_file)
     if gguf is not None:
         kw["gguf_file"] = gguf
     try:
-        return cls.from_pretrained(path, **kw)
+        with _quiet_transformers():
+            return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise SparseMergeError(
             f"cannot load base model {path}{f' ({gguf})' if gguf else ''}: {exc}"
