@@ -72,14 +72,15 @@ def load_causal_lm(base: str | None = None, gguf_file: str | None = None) -> nn.
     """The base as a causal LM (fp32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    from sparsemerge.models import resolve_base
+    from sparsemerge.models import quiet_transformers, resolve_base
 
     path, gguf = resolve_base(base, gguf_file)
     kw: dict[str, Any] = {"dtype": torch.float32}
     if gguf:
         kw["gguf_file"] = gguf
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise SparseMergeError(f"cannot load base model {path} as a causal language model: "
                                f"{exc}") from None

@@ -11,7 +11,8 @@ import contextlib
 import hashlib
 import importlib.util
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -50,17 +51,19 @@ def resolve_base(base: str | Path | None, gguf_file: str | None = None) -> tuple
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' per-load progress bar and load report while we load a base: the
-    report's "classifier MISSING" is expected (sparsemerge initialises heads itself) and the
-    bars would interleave with our own progress output."""
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' logs, warnings and per-load progress bars for a block: its load
+    report's "classifier MISSING" is expected (sparsemerge initialises heads itself), meta
+    builds warn about unused keys, and the bars would interleave with our own output."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -72,7 +75,7 @@ def _from_pretrained(cls, base: str | Path | None, gguf_file: str | None, **kw):
     if gguf is not None:
         kw["gguf_file"] = gguf
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise SparseMergeError(

@@ -72,11 +72,11 @@ def head_model(config, head_cfg: Mapping[str, Any], params: Mapping[str, torch.T
     """The task model of ``config`` with a shared-backbone stand-in and the given head."""
     from transformers import AutoModelForSequenceClassification
 
-    from sparsemerge.merge.stream import _quiet_transformers
+    from sparsemerge.models import quiet_transformers
 
     cfg = task_config(config, head_cfg)
     try:
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(cfg)
     except (ValueError, KeyError) as exc:
         raise SparseMergeError(f"{type(config).__name__} has no sequence-classification model "
@@ -147,13 +147,12 @@ class MultiHeadModel(nn.Module):
 
         from sparsemerge.formats.merged import read_merged
         from sparsemerge.hub import resolve_path
-        from sparsemerge.merge.stream import _quiet_transformers
-        from sparsemerge.models import load_tokenizer
+        from sparsemerge.models import load_tokenizer, quiet_transformers
 
         local = resolve_path(path, **hub_kwargs)
         files = read_merged(local)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 backbone = AutoModel.from_pretrained(local, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise SparseMergeError(f"{local}: cannot load the merged backbone: {exc}") from None

@@ -37,8 +37,7 @@ import os
 import struct
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,24 +63,9 @@ from sparsemerge.formats.merged import (
     write_recipe,
     write_shards,
 )
-from sparsemerge.models import resolve_base, tensor_hash
+from sparsemerge.models import quiet_transformers, resolve_base, tensor_hash
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' info/warning logs (meta builds, unused keys) for a block."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_config(base: str | Path | None, gguf_file: str | None = None):
@@ -90,7 +74,7 @@ def load_config(base: str | Path | None, gguf_file: str | None = None):
     path, gguf = resolve_base(base, gguf_file)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError, KeyError) as exc:
         raise SparseMergeError(f"cannot read the config of base model {path}: {exc}") from None
@@ -100,7 +84,7 @@ def meta_backbone(config) -> nn.Module:
     """The backbone (``AutoModel``) for ``config`` on the meta device: names and shapes only."""
     from transformers import AutoModel
 
-    with _quiet_transformers(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         return AutoModel.from_config(config)
 
 
@@ -512,7 +496,7 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
                                                  force=force, progress=progress))
             config.save_pretrained(tmp)  # architectures = the backbone, pad id set
         ckpt.close()
-        with _quiet_transformers():
+        with quiet_transformers():
             tok.save_pretrained(tmp)
         for task, head in adapter.heads.items():
             write_head(tmp, task, head.params, head_cfgs[task])
