@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemerge.adapter import SparseAdapter
-from sparsemerge.data import LabeledData, batches, encode
+from sparsemerge.data import TASKS, LabeledData, batches, encode
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.metrics import compute_metrics
 from sparsemerge.models import DEMO_BASE_ID
@@ -132,6 +132,15 @@ def adapter_base(adapter: SparseAdapter, base: str | None = None,
         if base == DEMO_BASE_ID:
             base = None
     return base, gguf_file
+
+
+def trained_task(adapter: SparseAdapter) -> tuple[str | None, str | None]:
+    """(preset task, data directory) the adapter was trained on, read from its
+    hyper-parameters; ``None`` for a task that is not a preset or an unrecorded folder."""
+    hp = adapter.hyperparameters
+    task = hp.get("task") if hp.get("task") in TASKS else None
+    data_dir = hp.get("data_dir") if isinstance(hp.get("data_dir"), str) else None
+    return task, data_dir
 
 
 def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *,

@@ -161,8 +161,8 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
     ``task``: the preset to evaluate (default: the one ``alongside`` was trained on, with its
     ``data_dir``); ``max_examples``: score only the first N examples of the split.
     """
-    from sparsemerge.data import TASKS, load_task
-    from sparsemerge.evaluate import evaluate_data, load_adapted
+    from sparsemerge.data import load_task
+    from sparsemerge.evaluate import evaluate_data, load_adapted, trained_task
     from sparsemerge.merge.engine import merge_adapters
 
     ad, other = _load(adapter), _load(alongside)
@@ -170,14 +170,12 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
         raise SparseMergeError("--alongside: that adapter has no classification head to "
                                "evaluate")
     other_task = next(iter(other.heads))
-    hp = other.hyperparameters
     if task is None:
-        task = hp.get("task") if hp.get("task") in TASKS else None
+        task, trained_dir = trained_task(other)
         if task is None:
             raise SparseMergeError("--alongside: that adapter was not trained on a preset task; "
                                    "name the preset to evaluate it on (task=...)")
-        if data_dir is None and isinstance(hp.get("data_dir"), str):
-            data_dir = hp["data_dir"]
+        data_dir = data_dir if data_dir is not None else trained_dir
     data = load_task(task, data_dir, split)
     if max_examples is not None:
         data = data.select(range(min(max_examples, len(data))))

@@ -377,7 +377,7 @@ def evaluate(
     $ sparsemerge evaluate mnist --forgetting --alongside sst2
     """
     from sparsemerge.data import load_task, read_table
-    from sparsemerge.evaluate import evaluate_data, load_adapted
+    from sparsemerge.evaluate import evaluate_data, load_adapted, trained_task
     from sparsemerge.formats.merged import is_merged_dir
 
     with user_errors():
@@ -401,7 +401,6 @@ def evaluate(
         model, tok, ad, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
                                                  force=force)
         labels = ad.heads[head_name].labels
-        hp = ad.hyperparameters
         if data is not None:
             if task is not None:
                 raise SparseMergeError("pass either --task or --data, not both")
@@ -412,12 +411,11 @@ def evaluate(
                             skip_bad_rows=skip_bad_rows)
         else:
             if task is None:
-                task = hp.get("task") if hp.get("task") in TASKS else None
+                task, trained_dir = trained_task(ad)
                 if task is None:
                     raise SparseMergeError("the adapter was not trained on a preset task: pass "
                                            "--task or --data with its columns")
-                if data_dir is None and isinstance(hp.get("data_dir"), str):
-                    data_dir = hp["data_dir"]
+                data_dir = data_dir if data_dir is not None else trained_dir
             ds = load_task(task, data_dir, split, skip_bad_rows=skip_bad_rows)
             if list(ds.labels) != list(labels):
                 raise SparseMergeError(f"task {task} has labels {ds.labels}, the adapter's head "
