@@ -3,12 +3,13 @@
 ``evaluate_model`` and ``predict`` work on any classifier: by default they call
 ``model(**batch).logits``; pass ``logits=`` (a function of a batch) to score something else,
 e.g. one task of a multi-head model. ``load_adapted`` builds a base model with an adapter
-applied, as the ``evaluate`` and ``predict`` commands do.
+applied, as the ``evaluate`` and ``predict`` commands do. Inputs are moved to the device of the
+model's parameters (see :func:`on_model_device`), so a model moved to CUDA just works.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ def metric_names(num_labels: int) -> tuple[str, ...]:
     """accuracy, F1 (binary for two classes, else macro) and Matthews correlation."""
     return ("accuracy", "f1", "matthews") if num_labels <= 2 else (
         "accuracy", "f1_macro", "matthews")
+
+
+def on_model_device(model: nn.Module | None, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its tensors on the device of ``model``'s parameters (unchanged without
+    a model or parameters)."""
+    param = next(model.parameters(), None) if model is not None else None
+    if param is None:
+        return dict(batch)
+    return {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _default_logits(model: nn.Module) -> LogitsFn:
@@ -55,7 +65,8 @@ def evaluate_model(model: nn.Module | None, encoded: dict, batch_size: int = 64,
                    num_labels: int | None = None, logits: LogitsFn | None = None
                    ) -> dict[str, float]:
     """Mean cross-entropy ``loss`` and accuracy / F1 / Matthews on ``encoded`` (from
-    ``data.encode``), plus ``examples``. The model is put in eval mode for the call."""
+    ``data.encode``), plus ``examples``. The model is put in eval mode for the call; batches
+    go to its device."""
     fn = logits or _default_logits(model)
     was_training = model.training if model is not None else False
     if model is not None:
@@ -63,6 +74,7 @@ def evaluate_model(model: nn.Module | None, encoded: dict, batch_size: int = 64,
     total, preds, labels = 0.0, [], []
     try:
         for batch in batches(_by_length(encoded), batch_size, shuffle=False, seed=0):
+            batch = on_model_device(model, batch)
             out = fn(batch).float()
             total += float(F.cross_entropy(out, batch["labels"], reduction="sum"))
             preds.append(out.argmax(-1))
@@ -107,7 +119,7 @@ def predict(model: nn.Module, tokenizer: Any, texts: Sequence[str],
             args = (chunk, list(pairs[lo:lo + batch_size])) if pairs is not None else (chunk,)
             enc = tokenizer(*args, truncation=True, max_length=limit, padding=True,
                             return_tensors="pt")
-            probs = fn(dict(enc)).float().softmax(-1)
+            probs = fn(on_model_device(model, enc)).float().softmax(-1)
             p, i = probs.max(-1)
             for pi, ii in zip(p.tolist(), i.tolist(), strict=True):
                 out.append((labels[ii] if ii < len(labels) else str(ii), pi))
@@ -145,8 +157,9 @@ def trained_task(adapter: SparseAdapter) -> tuple[str | None, str | None]:
 
 def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *,
                  gguf_file: str | None = None, task: str | None = None,
-                 force: bool = False):
-    """(task model with the adapter applied, tokenizer, adapter, task name)."""
+                 force: bool = False, device: str | torch.device | None = None):
+    """(task model with the adapter applied, on ``device`` if given; tokenizer, adapter,
+    task name)."""
     from sparsemerge.apply import apply, pick_head
     from sparsemerge.data import resolve_pad_token_id
     from sparsemerge.formats.adapter_file import load_adapter
@@ -164,7 +177,9 @@ def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *
     model = load_task_model(base, head.labels, gguf_file=gguf_file,
                             problem_type=head.problem_type,
                             pad_token_id=resolve_pad_token_id(tok))
-    apply(model, adapter, task=task_name, force=force)
+    apply(model, adapter, task=task_name, force=force)  # before moving: apply() works on CPU
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok, adapter, task_name
 

@@ -122,9 +122,10 @@ def lm_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_lengt
 
 def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = None,
                   gguf_file: str | None = None, texts: Sequence[str] | None = None,
-                  max_length: int = 256, batch_size: int = 8, force: bool = False
-                  ) -> dict[str, Any]:
-    """Plain-text next-token loss of a decoder base before and after applying ``adapter``."""
+                  max_length: int = 256, batch_size: int = 8, force: bool = False,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
+    """Plain-text next-token loss of a decoder base before and after applying ``adapter``
+    (computed on ``device``, default CPU)."""
     from sparsemerge.apply import apply
     from sparsemerge.data import plain_text_sample
     from sparsemerge.evaluate import adapter_base
@@ -139,12 +140,10 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
     texts = list(plain_text_sample() if texts is None else texts)
     tok = load_tokenizer(base, gguf_file)
     model = load_causal_lm(base, gguf_file)
-    before = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
-    handle = apply(model, ad, force=force)
-    try:
-        after = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
-    finally:
-        handle.undo()
+    before = lm_loss(model.to(device), tok, texts, max_length=max_length,
+                     batch_size=batch_size)
+    apply(model.cpu(), ad, force=force)  # apply() works on CPU weights
+    after = lm_loss(model.to(device), tok, texts, max_length=max_length, batch_size=batch_size)
     return {"kind": "lm", "texts": len(texts), "tokens": before["tokens"],
             "base_loss": before["loss"], "adapted_loss": after["loss"],
             "base_perplexity": before["perplexity"], "adapted_perplexity": after["perplexity"],
@@ -155,8 +154,10 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
                     *, base: str | None = None, gguf_file: str | None = None,
                     task: str | None = None, data_dir: str | None = None, split: str = "dev",
                     max_examples: int | None = None, batch_size: int = 64,
-                    max_length: int = 512, force: bool = False) -> dict[str, Any]:
-    """Dev metrics of the ``alongside`` adapter's task alone and merged (sum) with ``adapter``.
+                    max_length: int = 512, force: bool = False,
+                    device: str | torch.device | None = None) -> dict[str, Any]:
+    """Dev metrics of the ``alongside`` adapter's task alone and merged (sum) with ``adapter``
+    (computed on ``device``, default CPU).
 
     ``task``: the preset to evaluate (default: the one ``alongside`` was trained on, with its
     ``data_dir``); ``max_examples``: score only the first N examples of the split.
@@ -186,7 +187,7 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
 
     def score(a: SparseAdapter) -> dict[str, float]:
         model, tok, _, _ = load_adapted(a, base, gguf_file=gguf_file, task=other_task,
-                                        force=force)
+                                        force=force, device=device)
         return evaluate_data(model, tok, data, batch_size=batch_size, max_length=max_length)
 
     alone = score(other)

@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sparsemerge.cli import app
 from sparsemerge.formats.adapter_file import save_adapter
 from sparsemerge.merge.multihead import MultiHeadModel, evaluate_merged
 from tests.test_merge_engine import make_adapter
+from tests.test_train import json_by_device
 
 runner = CliRunner()
 
@@ -123,3 +125,30 @@ def test_evaluate_merged_errors_exit_2(merged, args, match):
 def test_adapter_takes_one_preset_task(merged, tmp_path):
     r = _run("evaluate", merged.parent / "sst2", "--task", "sst2=dev.tsv")
     assert r.exit_code == 2 and "merged models" in _text(r)
+
+
+def _evaluate_args(merged: Path, data: dict[str, Path]) -> list[object]:
+    return ["evaluate", merged, *(a for t in ("sst2", "cola", "topic")
+                                  for a in ("--task", f"{t}={data[t]}"))]
+
+
+def test_device_cpu_and_auto_match_default(merged, data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto = cpu here
+    for args in (_evaluate_args(merged, data), ["predict", merged, "fine film", "dull"]):
+        default, cpu, auto = json_by_device(*args, devices=(None, "cpu", "auto"))
+        assert cpu == default and auto == default
+
+
+@pytest.mark.parametrize("cmd", [["evaluate"], ["predict", "hi"]])
+def test_bad_device_exits_2(merged, cmd):
+    r = _run(cmd[0], merged, *cmd[1:], "--device", "tpu")
+    assert r.exit_code == 2, r.output
+    assert "--device: must be one of" in _text(r) and "'tpu'" in _text(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_on_cuda_matches_cpu(merged, data):
+    cpu, cuda = json_by_device(*_evaluate_args(merged, data), devices=("cpu", "cuda"))
+    for task, r in cpu["tasks"].items():
+        assert cuda["tasks"][task]["metrics"] == pytest.approx(r["metrics"], abs=1e-4)

@@ -366,6 +366,57 @@ def test_cli_help_teaches():
         assert "Examples" in r.stdout and f"sparsemerge {cmd}" in r.stdout
 
 
+@pytest.fixture(scope="module")
+def random_adapter(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A saved random adapter (head ``synth``: neg, pos) on the tiny BERT; no training."""
+    from sparsemerge.formats.adapter_file import save_adapter
+    from tests.test_merge_engine import make_adapter
+
+    out = tmp_path_factory.mktemp("random-adapter") / "adapter"
+    save_adapter(make_adapter(tiny_bert_dir, "synth", 1, labels=("neg", "pos"), density=0.1),
+                 out)
+    return out
+
+
+def json_by_device(*args: object, devices: tuple[str | None, ...]) -> list[dict]:
+    """The command's JSON for each ``--device`` (None: no flag), wall time dropped."""
+    outs = []
+    for device in devices:
+        r = _invoke(*map(str, args), *(["--device", device] if device else []), "--json")
+        assert r.exit_code == 0, r.output
+        info = json.loads(r.stdout)
+        info.pop("wall_time_s", None)
+        outs.append(info)
+    return outs
+
+
+def test_cli_device_cpu_and_auto_match_default(random_adapter, synth, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto = cpu here
+    for args in (("evaluate", str(random_adapter), "--data", str(synth[1]), "--text-column",
+                  "text", "--label-column", "label"),
+                 ("predict", str(random_adapter), "a great film", "boring and dull")):
+        default, cpu, auto = json_by_device(*args, devices=(None, "cpu", "auto"))
+        assert cpu == default and auto == default
+
+
+def test_cli_bad_device_is_a_clear_error(random_adapter, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["evaluate", str(random_adapter)], ["predict", str(random_adapter), "hi"]):
+        r = _invoke(*cmd, "--device", "tpu")
+        assert r.exit_code == 2 and "--device" in r.stderr and "'tpu'" in r.stderr
+        r = _invoke(*cmd, "--device", "cuda")
+        assert r.exit_code == 2 and "--device cuda: no CUDA device" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_evaluate_on_cuda_matches_cpu(random_adapter, synth):
+    args = ("evaluate", str(random_adapter), "--data", str(synth[1]), "--text-column", "text",
+            "--label-column", "label")
+    cpu, cuda = (d["metrics"] for d in json_by_device(*args, devices=("cpu", "cuda")))
+    assert cuda == pytest.approx(cpu, abs=1e-4)
+
+
 # --------------------------------------------------------------------------- real MiniLM
 
 

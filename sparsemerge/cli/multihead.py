@@ -11,13 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from sparsemerge.cli.common import console, print_json, user_errors
 from sparsemerge.errors import SparseMergeError
+
+if TYPE_CHECKING:
+    import torch
 
 TASK_HELP = ("Adapter: one preset name. Merged model: HEAD=FILE, HEAD=PRESET or HEAD, "
              "repeatable (see above).")
@@ -53,15 +56,17 @@ def _check_heads(model: Any, names: Sequence[str], path: str) -> None:
 
 
 def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] | None,
-                    head: str | None, json_out: bool) -> None:
-    """Every head's label and probability for each text (``--head`` keeps one)."""
+                    head: str | None, json_out: bool, device: torch.device | None = None
+                    ) -> None:
+    """Every head's label and probability for each text (``--head`` keeps one), computed on
+    ``device`` (default CPU)."""
     from sparsemerge.merge.multihead import MultiHeadModel
 
     with user_errors():
         if pairs and len(pairs) != len(texts):
             raise SparseMergeError(f"{len(texts)} texts but {len(pairs)} --pair values; give "
                                    "one --pair per text")
-        model = MultiHeadModel.from_pretrained(path)
+        model = MultiHeadModel.from_pretrained(path, device=device)
         if head is not None:
             _check_heads(model, [head], shown)
         preds = model.predict(texts, pairs or None, tasks=[head] if head else None)
@@ -85,14 +90,15 @@ def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] |
 
 def evaluate_command(path: Path, shown: str, *, tasks: Sequence[str] | None,
                      head: str | None, batch_size: int, max_length: int, json_out: bool,
-                     **data_options: Any) -> None:
-    """Each head's metrics on its data (``data_options``: as ``task_data`` takes them)."""
+                     device: torch.device | None = None, **data_options: Any) -> None:
+    """Each head's metrics on its data (``data_options``: as ``task_data`` takes them),
+    computed on ``device`` (default CPU)."""
     from sparsemerge.data import TASKS
     from sparsemerge.merge.multihead import MultiHeadModel, task_data
 
     with user_errors():
         specs = parse_task_specs(tasks)
-        model = MultiHeadModel.from_pretrained(path)
+        model = MultiHeadModel.from_pretrained(path, device=device)
         if not specs:
             if head is not None:
                 _check_heads(model, [head], shown)

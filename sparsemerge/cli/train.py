@@ -32,6 +32,8 @@ _OPT = "Optimisation"
 _OUT = "Output and checkpoints"
 _FORGET = "Forgetting"
 _DEV = "Devices and scale-out"
+_DEVICE_HELP = "cpu, cuda, or auto (CUDA when torch sees a GPU)."
+_EVAL_DEVICE = "cpu"  # evaluate / predict: where scores have always been computed
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -195,8 +197,8 @@ def train(
                                            "∝ trainable entries) or autograd (reference).",
                                       rich_help_panel=_OPT)] = _D["impl"],
     device: Annotated[str, typer.Option(
-        help="cpu, cuda, or auto (CUDA when torch sees a GPU). Under torchrun / accelerate "
-             "launch each process takes the GPU numbered by its LOCAL_RANK.",
+        help=_DEVICE_HELP + " Under torchrun / accelerate launch each process takes the GPU "
+             "numbered by its LOCAL_RANK.",
         rich_help_panel=_DEV)] = _D["device"],
     dtype: Annotated[str, typer.Option(
         help="Compute dtype: fp32, or bf16 / fp16 autocast (matmuls and activations in half "
@@ -331,6 +333,7 @@ def evaluate(
                     ] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longer examples are truncated.")] = 512,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = _EVAL_DEVICE,
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
                      ] = False,
     forgetting: Annotated[bool, typer.Option(
@@ -379,15 +382,17 @@ def evaluate(
     from sparsemerge.data import load_task, read_table
     from sparsemerge.evaluate import evaluate_data, load_adapted, trained_task
     from sparsemerge.formats.merged import is_merged_dir
+    from sparsemerge.train.distributed import resolve_device
 
     with user_errors():
+        dev = resolve_device(device)
         path = _resolve(adapter)
         if is_merged_dir(path):
             refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force,
                                    forgetting=forgetting, alongside=alongside, data=data)
             evaluate_command(path, adapter, tasks=task, head=head, batch_size=batch_size,
-                             max_length=max_length, json_out=json_out, data_dir=data_dir,
-                             split=split, text_column=text_column,
+                             max_length=max_length, json_out=json_out, device=dev,
+                             data_dir=data_dir, split=split, text_column=text_column,
                              text_pair_column=text_pair_column, label_column=label_column,
                              skip_bad_rows=skip_bad_rows)
             return
@@ -395,11 +400,11 @@ def evaluate(
     if forgetting or alongside is not None:
         _forgetting(adapter, alongside, base=base, gguf_file=gguf_file, task=task,
                     data_dir=data_dir, split=split, batch_size=batch_size,
-                    max_length=max_length, force=force, json_out=json_out)
+                    max_length=max_length, force=force, device=dev, json_out=json_out)
         return
     with user_errors():
         model, tok, ad, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
-                                                 force=force)
+                                                 force=force, device=dev)
         labels = ad.heads[head_name].labels
         if data is not None:
             if task is not None:
@@ -446,6 +451,7 @@ def predict(
     head: Annotated[str | None, typer.Option(
         help="Which head of a multi-task adapter; of a merged model, show only this head.")
                     ] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = _EVAL_DEVICE,
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
                      ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -466,15 +472,17 @@ def predict(
     from sparsemerge.evaluate import load_adapted
     from sparsemerge.evaluate import predict as predict_api
     from sparsemerge.formats.merged import is_merged_dir
+    from sparsemerge.train.distributed import resolve_device
 
     with user_errors():
+        dev = resolve_device(device)
         path = _resolve(adapter)
         if is_merged_dir(path):
             refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force)
-            predict_command(path, adapter, texts, pair, head, json_out)
+            predict_command(path, adapter, texts, pair, head, json_out, dev)
             return
         model, tok, _, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
-                                                force=force)
+                                                force=force, device=dev)
         if pair and len(pair) != len(texts):
             raise SparseMergeError(f"{len(texts)} texts but {len(pair)} --pair values; give "
                                    "one --pair per text")

@@ -228,8 +228,11 @@ class MultiHeadModel(nn.Module):
         """``{task: [(label, probability), ...]}``, one entry per text (or text pair).
 
         Single-label heads: softmax and the most likely label. Multi-label heads: sigmoid and
-        the most likely label. Regression heads: ``("score", value)``.
+        the most likely label. Regression heads: ``("score", value)``. Inputs go to the
+        model's device.
         """
+        from sparsemerge.evaluate import on_model_device
+
         if isinstance(texts, str):
             texts = [texts]
         if pairs is not None and len(pairs) != len(texts):
@@ -246,7 +249,7 @@ class MultiHeadModel(nn.Module):
                 args = (chunk, list(pairs[lo:lo + batch_size])) if pairs is not None else (chunk,)
                 enc = tok(*args, truncation=True, max_length=limit, padding=True,
                           return_tensors="pt")
-                logits = self(**dict(enc), tasks=chosen)
+                logits = self(**on_model_device(self, enc), tasks=chosen)
                 for task, lg in logits.items():
                     out[task].extend(self._decode(task, lg.float()))
         finally:
@@ -271,7 +274,8 @@ class MultiHeadModel(nn.Module):
         value may be and for ``options``).
 
         Metrics are those of :func:`sparsemerge.evaluate.evaluate_model` (accuracy, F1,
-        Matthews correlation, loss, examples). Over-long examples are truncated, not dropped.
+        Matthews correlation, loss, examples), which also moves each batch to this model's
+        device. Over-long examples are truncated, not dropped.
         """
         from sparsemerge.data import encode
         from sparsemerge.evaluate import evaluate_model
