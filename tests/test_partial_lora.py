@@ -193,7 +193,8 @@ def test_saved_with_seed_codec_and_applied_exactly(trained):
     assert set(layers) == set(adapter.targets)
     for name, t in adapter.targets.items():
         lr = t.lowrank
-        assert lr is not None and t.sparse is None and lr.scale == pytest.approx(2.0)
+        assert lr is not None and t.sparse is None and lr.scale == pytest.approx(
+            2.0 / layers[name]["density"], rel=1e-4)  # alpha / r / density (b_rescale)
         for part, nnz in (("a", layers[name]["nnz_a"]), ("b", layers[name]["nnz_b"])):
             st = storage[f"{name}.{part}"]
             assert st.nnz == nnz

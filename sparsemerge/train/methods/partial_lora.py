@@ -56,6 +56,14 @@ the *effective* fan-in ``d * in`` of a sparse row, so ``A x`` has the same scale
 LoRA. The values come from ``masks.seeded_uniform(seed, "<weight name>.a", nnz)``
 (platform-independent).
 
+Update scale: ``scale = alpha / r`` as in LoRA, divided by the layer's density ``d``
+(``b_rescale``, on by default). A row of a sparse ``B`` holds only ``d * r`` of the ``r`` entries
+a dense row has, so with the same optimizer step per entry the layer's output would move ``d``
+times slower than dense LoRA's; ``1 / d`` restores the dense rate (``B`` starts at zero, so this
+is the same as a ``1 / d`` larger learning rate for ``B`` under Adam). On MRPC (MiniLM-L6, r=8,
+budget 0.4, 3 epochs) it raised dev accuracy from 78.9 to 81.9 at lr 1e-3 and from 80.6 to
+82.1 at lr 3e-3.
+
 Training: each factor's trainable parameter is the 1-D vector of its kept values (exactly
 ``nnz`` scalars: optimizer state, checkpoints and DDP all-reduce scale with the kept
 entries); the forward scatters it into a dense ``r x in`` / ``out x r`` factor (cheap: r is
@@ -330,6 +338,9 @@ class PartialLoRA(Method):
         Param("mask_seed", int, None, "seed of the random masks (default: --seed)", low=0),
         Param("dropout", float, 0.0, "dropout on the LoRA branch's input", low=0.0, high=1.0,
               high_open=True),
+        Param("b_rescale", bool, True, "multiply a layer's update scale by 1 / its density, "
+              "so a sparse B (d * r entries per output row) moves the output as fast as a "
+              "dense one"),
     )
 
     def __init__(self, config: TrainConfig) -> None:
@@ -399,8 +410,9 @@ class PartialLoRA(Method):
             b_idx = masks.seeded_indices(self.mask_seed, f"{name}.b", out_f * r, al["nnz_b"])
             bound = 1.0 / math.sqrt(max(al["density"] * in_f, 1.0))
             init = masks.seeded_uniform(self.init_seed, f"{name}.a", al["nnz_a"]) * bound
+            scale = self.scale / al["density"] if self.hparams["b_rescale"] else self.scale
             self.layers[name] = SparseLoRALayer(
-                name, module, r, self.scale, torch.from_numpy(a_idx), torch.from_numpy(b_idx),
+                name, module, r, scale, torch.from_numpy(a_idx), torch.from_numpy(b_idx),
                 torch.from_numpy(init), self.hparams["dropout"])
         params = [p for layer in self.layers.values() for p in (layer.a_values, layer.b_values)]
         self._groups = [{"params": params, "name": "partial_lora"}]
