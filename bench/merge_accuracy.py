@@ -10,6 +10,12 @@ target is each merged task within 1 point of its single adapter.
 
     python bench/merge_accuracy.py --data-dir ../shared/data --workdir runs/merge-acc
     python bench/merge_accuracy.py --sst2 runs/sst2 --cola runs/cola --data-dir ../shared/data
+    python bench/merge_accuracy.py --data-dir ../shared/data --sst2 runs/sst2 --seeds 1,2,3
+
+With several ``--seeds`` one CoLA adapter is trained per seed (``WORKDIR/cola-s<seed>``, kept
+and reused) and merged with the same SST-2 adapter; the table has a row per seed and their
+mean, because a 1-point margin is about one standard error on these dev sets (SST-2: 872
+sentences) and a single seed can land on either side of it.
 
 The last line is one JSON object.
 """
@@ -21,7 +27,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HEADLINE = {"sst2": "accuracy", "cola": "matthews"}
@@ -57,12 +62,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--sst2", help="trained SST-2 adapter (default: train one)")
-    ap.add_argument("--cola", help="trained CoLA adapter (default: train one)")
-    ap.add_argument("--train-args", default="", help="extra options for sparsemerge train")
+    ap.add_argument("--cola", help="trained CoLA adapter (default: train one per --seeds)")
+    ap.add_argument("--seeds", default="1", help="comma-separated seeds (mask, init, order) of "
+                    "the CoLA adapters trained and merged one at a time (the SST-2 adapter "
+                    "is trained once, with the first)")
+    ap.add_argument("--train-args", default="", help="extra options for sparsemerge train "
+                    "(not --seed)")
     ap.add_argument("--merges", default="sum,ties:density=1.0,ties:density=0.5")
     ap.add_argument("--workdir", default="runs/merge-accuracy")
     ap.add_argument("--max-dev", type=int, default=None, help="score only the first N dev rows")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.cola and len(seeds) > 1:
+        ap.error("--cola names one adapter: pass one seed (or none)")
 
     from sparsemerge.evaluate import evaluate_data, load_adapted
     from sparsemerge.merge.multihead import MultiHeadModel
@@ -70,51 +82,65 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for task in ("sst2", "cola"):
-        given = getattr(args, task)
-        paths[task] = Path(given) if given else work / task
-        if not given and not (paths[task] / "adapter.safetensors").exists():
-            train(task, args.data_dir, paths[task], args.train_args)
-    data = {t: dev_data(t, args.data_dir, args.max_dev) for t in paths}
 
-    single = {}
-    for task, path in paths.items():
+    def adapter(task: str, given: str | None, seed: int) -> Path:
+        path = Path(given) if given else work / f"{task}-s{seed}"
+        if not given and not (path / "adapter.safetensors").exists():
+            train(task, args.data_dir, path, f"{args.train_args} --seed {seed}")
+        return path
+
+    data = {t: dev_data(t, args.data_dir, args.max_dev) for t in HEADLINE}
+
+    def score(path: Path, task: str) -> float:
         model, tok, _, _ = load_adapted(str(path))
-        single[task] = evaluate_data(model, tok, data[task])
-        print(f"single {task}: {HEADLINE[task]} {100 * single[task][HEADLINE[task]]:.2f}",
-              flush=True)
+        return 100 * evaluate_data(model, tok, data[task])[HEADLINE[task]]
 
-    merged = {}
-    for label, method, params in parse_merges(args.merges):
-        out = work / f"merged-{label.replace(':', '-').replace('=', '').replace(';', '-')}"
-        t0 = time.perf_counter()
-        recipe = build_recipe([str(paths["sst2"]), str(paths["cola"])], method=method,
-                              params=params, heads=True, output=str(out))
-        report = run_recipe(recipe)
-        mh = MultiHeadModel.from_pretrained(out)
-        merged[label] = {"metrics": mh.evaluate(data), "nnz": report["nnz"],
-                         "seconds": round(time.perf_counter() - t0, 2)}
-        print(f"merged {label}: " + ", ".join(
-            f"{t} {HEADLINE[t]} {100 * merged[label]['metrics'][t][HEADLINE[t]]:.2f}"
-            for t in paths), flush=True)
+    sst2 = adapter("sst2", args.sst2, seeds[0])
+    sst2_single = score(sst2, "sst2")
+    print(f"single sst2: {HEADLINE['sst2']} {sst2_single:.2f}", flush=True)
+    runs: dict[int, dict] = {}
+    for seed in seeds:
+        cola = adapter("cola", args.cola, seed)
+        single = {"sst2": sst2_single, "cola": score(cola, "cola")}
+        print(f"seed {seed} single cola: {HEADLINE['cola']} {single['cola']:.2f}", flush=True)
+        merged: dict[str, dict[str, float]] = {}
+        for label, method, params in parse_merges(args.merges):
+            tag = label.replace(":", "-").replace("=", "").replace(";", "-")
+            out = work / f"merged-s{seed}-{tag}"
+            recipe = build_recipe([str(sst2), str(cola)], method=method, params=params,
+                                  heads=True, output=str(out))
+            run_recipe(recipe)
+            metrics = MultiHeadModel.from_pretrained(out).evaluate(data)
+            merged[label] = {t: 100 * metrics[t][HEADLINE[t]] for t in HEADLINE}
+            print(f"seed {seed} merged {label}: " + ", ".join(
+                f"{t} {v:.2f}" for t, v in merged[label].items()), flush=True)
+        runs[seed] = {"single": single, "merged": merged, "cola_adapter": str(cola)}
 
-    header = "| task | metric ×100 | single adapter | " + " | ".join(
-        f"merged {lab}" for lab in merged) + " |"
-    print("\n" + header + "\n|" + "---|" * (3 + len(merged)))
-    result = {"single": {}, "merged": {}, "within_1_point": {}}
-    for task in paths:
-        m = HEADLINE[task]
-        s = 100 * single[task][m]
-        cells = []
-        for lab, r in merged.items():
-            v = 100 * r["metrics"][task][m]
-            cells.append(f"{v:.2f} ({v - s:+.2f})")
-            result["merged"].setdefault(lab, {})[task] = round(v, 2)
-            result["within_1_point"].setdefault(lab, {})[task] = bool(v >= s - 1.0)
-        result["single"][task] = round(s, 2)
-        print(f"| {task} | {m} | {s:.2f} | " + " | ".join(cells) + " |")
-    result["dev_examples"] = {t: len(d) for t, d in data.items()}
+    labels = [label for label, _, _ in parse_merges(args.merges)]
+    print("\n| task | CoLA seed | single adapter | " + " | ".join(
+        f"merged {lab}" for lab in labels) + " |\n|" + "---|" * (3 + len(labels)))
+    mean: dict[str, dict[str, float]] = {}
+    for task in HEADLINE:
+        for key, rows in [*((str(s), [r]) for s, r in runs.items()),
+                          *([("mean", list(runs.values()))] if len(runs) > 1 else [])]:
+            s = sum(r["single"][task] for r in rows) / len(rows)
+            cells = []
+            for lab in labels:
+                v = sum(r["merged"][lab][task] for r in rows) / len(rows)
+                cells.append(f"{v:.2f} ({v - s:+.2f})")
+                if key == "mean" or len(runs) == 1:
+                    mean.setdefault(lab, {})[task] = round(v - s, 2)
+            print(f"| {task} {HEADLINE[task]} | {key} | {s:.2f} | " + " | ".join(cells) + " |")
+    result = {
+        "seeds": {s: {"single": {t: round(v, 2) for t, v in r["single"].items()},
+                      "merged": {lab: {t: round(v, 2) for t, v in m.items()}
+                                 for lab, m in r["merged"].items()}}
+                  for s, r in runs.items()},
+        "mean_change": mean,
+        "within_1_point_mean": {lab: {t: bool(d >= -1.0) for t, d in m.items()}
+                                for lab, m in mean.items()},
+        "dev_examples": {t: len(d) for t, d in data.items()},
+    }
     print(json.dumps(result))
 
 
