@@ -589,13 +589,14 @@ def _quickstart_table(summary: dict[str, Any]):
     t = Table(title=f"quickstart: SpaRTA adapters alone and merged ({merge['method']}, "
                     "one backbone, one head per task)", title_justify="left",
               caption_justify="left")
-    for col in ("task", "dev metric", "adapter alone", "merged", "change", "trainable",
-                "steps", "training"):
+    # Short headers: the table fits 80 columns, rich's width when stdout is not a terminal.
+    for col in ("task", "dev metric", "alone", "merged", "points", "trainable", "steps",
+                "train"):
         t.add_column(col, justify="left" if col in ("task", "dev metric") else "right")
     for task, r in summary["tasks"].items():
         m = r["metric"]
         t.add_row(escape(task), m, f"{r['alone'][m]:.4f}", f"{r['merged'][m]:.4f}",
-                  f"{r['change_points']:+.2f} pts", f"{r['trainable']:,}", str(r["steps"]),
+                  f"{r['change_points']:+.2f}", f"{r['trainable']:,}", str(r["steps"]),
                   f"{r['train_time_s']:.0f} s")
     lines = [f"overlap {escape(p['a'])} ∩ {escape(p['b'])}: {p['intersection']:,} shared "
              f"entries (Jaccard {_ratio(p['jaccard'])}), sign agreement "
