@@ -62,7 +62,8 @@ def _prefault_for_write(weight: torch.Tensor) -> None:
 
 
 def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
-    """Write ``weight + delta`` into ``weight`` (computed in fp32); return what undoes it.
+    """Write ``weight + delta`` into ``weight`` (computed in fp32, on the weight's device);
+    return what undoes it.
 
     Call under ``torch.no_grad()``. Gathers/scatters use index_select/scatter_, which cost a
     fraction of advanced indexing's per-call overhead (this runs once per target tensor).
@@ -70,15 +71,15 @@ def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
     if target.init is None and target.lowrank is None and target.sparse is not None:
         flat = weight.view(-1)
         _prefault_for_write(flat)
-        idx = target.sparse.indices
+        idx = target.sparse.indices.to(weight.device)
         original = flat.index_select(0, idx)
-        delta = target.sparse.values.float()
+        delta = target.sparse.values.to(weight.device, torch.float32)
         if target.gate != 1.0:
             delta = delta * target.gate
         flat.scatter_(0, idx, (original.float() + delta).to(weight.dtype))
         return _Saved(weight, idx, original)
     original = weight.detach().clone()
-    weight.copy_((original.float() + target.dense_delta(name)).to(weight.dtype))
+    weight.copy_((original.float() + target.dense_delta(name).to(weight.device)).to(weight.dtype))
     return _Saved(weight, None, original)
 
 

@@ -177,7 +177,7 @@ def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *
     model = load_task_model(base, head.labels, gguf_file=gguf_file,
                             problem_type=head.problem_type,
                             pad_token_id=resolve_pad_token_id(tok))
-    apply(model, adapter, task=task_name, force=force)  # before moving: apply() works on CPU
+    apply(model, adapter, task=task_name, force=force)
     if device is not None:
         model.to(device)
     model.eval()

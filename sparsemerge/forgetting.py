@@ -140,10 +140,10 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
     texts = list(plain_text_sample() if texts is None else texts)
     tok = load_tokenizer(base, gguf_file)
     model = load_causal_lm(base, gguf_file)
-    before = lm_loss(model.to(device), tok, texts, max_length=max_length,
-                     batch_size=batch_size)
-    apply(model.cpu(), ad, force=force)  # apply() works on CPU weights
-    after = lm_loss(model.to(device), tok, texts, max_length=max_length, batch_size=batch_size)
+    model.to(device)
+    before = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
+    apply(model, ad, force=force)
+    after = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
     return {"kind": "lm", "texts": len(texts), "tokens": before["tokens"],
             "base_loss": before["loss"], "adapted_loss": after["loss"],
             "base_perplexity": before["perplexity"], "adapted_perplexity": after["perplexity"],
