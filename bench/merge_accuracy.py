@@ -117,19 +117,22 @@ def main() -> None:
         runs[seed] = {"single": single, "merged": merged, "cola_adapter": str(cola)}
 
     labels = [label for label, _, _ in parse_merges(args.merges)]
+    rows: dict[str, dict] = {str(s): r for s, r in runs.items()}
+    if len(runs) > 1:
+        n = len(runs)
+        rows["mean"] = {
+            "single": {t: sum(r["single"][t] for r in runs.values()) / n for t in HEADLINE},
+            "merged": {lab: {t: sum(r["merged"][lab][t] for r in runs.values()) / n
+                             for t in HEADLINE} for lab in labels}}
+    overall = rows.get("mean") or next(iter(rows.values()))
+    mean = {lab: {t: round(overall["merged"][lab][t] - overall["single"][t], 2)
+                  for t in HEADLINE} for lab in labels}
     print("\n| task | CoLA seed | single adapter | " + " | ".join(
         f"merged {lab}" for lab in labels) + " |\n|" + "---|" * (3 + len(labels)))
-    mean: dict[str, dict[str, float]] = {}
     for task in HEADLINE:
-        for key, rows in [*((str(s), [r]) for s, r in runs.items()),
-                          *([("mean", list(runs.values()))] if len(runs) > 1 else [])]:
-            s = sum(r["single"][task] for r in rows) / len(rows)
-            cells = []
-            for lab in labels:
-                v = sum(r["merged"][lab][task] for r in rows) / len(rows)
-                cells.append(f"{v:.2f} ({v - s:+.2f})")
-                if key == "mean" or len(runs) == 1:
-                    mean.setdefault(lab, {})[task] = round(v - s, 2)
+        for key, r in rows.items():
+            s = r["single"][task]
+            cells = [f"{v:.2f} ({v - s:+.2f})" for v in (r["merged"][lab][task] for lab in labels)]
             print(f"| {task} {HEADLINE[task]} | {key} | {s:.2f} | " + " | ".join(cells) + " |")
     result = {
         "seeds": {s: {"single": {t: round(v, 2) for t, v in r["single"].items()},
