@@ -25,6 +25,13 @@ Iterative magnitude pruning (IMP), ``rounds`` times (default 5):
    its sign, its single largest ``|dW|`` stays trainable, so that every tensor keeps a
    trainable entry and a trainable gate.
 
+``reset`` stays ``init`` by default because that is the method as published. On MiniLM
+Textual MNIST (README, "RIGSA, Textual MNIST and forgetting") ``reset=zero`` learned better
+and forgot less with the same schedule: 93.8% vs 89.2% held-out, SST-2 forgetting -0.7 vs -2.8
+points. The reason: with ``init``, half of the entries go back to their random values after
+the first round behind a gate that has already grown, which adds full-rank noise to every
+weight (held-out accuracy at step 250, after two rounds of 100 steps: 9% vs 49%).
+
 After the last round the surviving mask (the "winning ticket") is trained for the rest of the
 run. Kept entries continue from their trained values (no rewinding) and the gates carry over;
 AdamW restarts its moment estimates for the new, smaller parameter set each round (the
