@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparsemerge.adapter import LowRank, SparseTensor, TargetDelta
-from sparsemerge.merge.operators.base import Param
+from sparsemerge.declare import Param
 from sparsemerge.models import backbone_of
 from sparsemerge.train.methods import METHODS
 from sparsemerge.train.methods.base import Method

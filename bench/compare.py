@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from sparsemerge.data import TASKS
+from sparsemerge.data.tasks import TASKS
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.methods import get_method
 

@@ -446,7 +446,7 @@ def run_merge(work: Path, kills: int, rng: random.Random) -> Report:
 
 
 def _train_data(work: Path) -> tuple[Path, Path]:
-    from sparsemerge.data import shipped_dir
+    from sparsemerge.data.tasks import shipped_dir
 
     src = shipped_dir()
     train, dev = work / "train.tsv", work / "dev.tsv"

@@ -66,7 +66,7 @@ import torch
 from peft.utils import merge_utils
 
 from sparsemerge.merge import SparseVector, get_operator, layer_of
-from sparsemerge.merge.operators.base import trim_count
+from sparsemerge.merge.operators.kernels import trim_count
 
 try:
     from sparsemerge.masks import seeded_indices

@@ -50,7 +50,8 @@ def train(task: str, data_dir: str, out: Path, extra: str) -> None:
 
 
 def dev_data(task: str, data_dir: str, limit: int | None):
-    from sparsemerge.data import LabeledData, load_task
+    from sparsemerge.data.examples import LabeledData
+    from sparsemerge.data.tasks import load_task
 
     data = load_task(task, data_dir, "dev")
     if limit:
@@ -76,9 +77,10 @@ def main() -> None:
     if args.cola and len(seeds) > 1:
         ap.error("--cola names one adapter: pass one seed (or none)")
 
-    from sparsemerge.evaluate import evaluate_data, load_adapted
-    from sparsemerge.merge.multihead import MultiHeadModel
+    from sparsemerge.evaluate import load_adapted
     from sparsemerge.merge.recipe import build_recipe, run_recipe
+    from sparsemerge.multihead import MultiHeadModel
+    from sparsemerge.scoring import evaluate_data
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

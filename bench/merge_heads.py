@@ -81,9 +81,9 @@ def minilm(counts: list[int], tmp: Path) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from sparsemerge.formats.adapter_file import save_adapter
-    from sparsemerge.merge.multihead import MultiHeadModel
     from sparsemerge.merge.recipe import build_recipe, run_recipe
     from sparsemerge.merge.stream import BaseCheckpoint
+    from sparsemerge.multihead import MultiHeadModel
 
     ckpt = BaseCheckpoint(None)
     names = ckpt.linear_weights

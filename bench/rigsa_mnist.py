@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from sparsemerge.textual_mnist import LABELS, SPLITS, write_jsonl
+from sparsemerge.data.textual_mnist import LABELS, SPLITS, write_jsonl
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.methods import get_method
 
@@ -117,7 +117,7 @@ def base_config(args, train: Path, dev: Path) -> dict:
 
 
 def token_stats(cfg: dict, path: Path) -> dict:
-    from sparsemerge.data import read_table
+    from sparsemerge.data.readers import read_table
     from sparsemerge.models import load_tokenizer
 
     tok = load_tokenizer(cfg.get("base"), cfg.get("gguf_file"))
@@ -128,9 +128,10 @@ def token_stats(cfg: dict, path: Path) -> dict:
 
 def zero_shot(cfg: dict) -> dict:
     """Dev metrics of the untrained task model (head initialised as training would)."""
-    from sparsemerge.data import encode, read_table, resolve_pad_token_id
-    from sparsemerge.evaluate import evaluate_model
-    from sparsemerge.models import load_task_model, load_tokenizer
+    from sparsemerge.data.batching import encode
+    from sparsemerge.data.readers import read_table
+    from sparsemerge.models import load_task_model, load_tokenizer, resolve_pad_token_id
+    from sparsemerge.scoring import evaluate_model
     from sparsemerge.train.heads import init_head
 
     base, gguf = cfg.get("base"), cfg.get("gguf_file")

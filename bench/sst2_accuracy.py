@@ -65,7 +65,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run = setup(config, method=method_for(spec["method"], config))
         if args.estimate:
-            from sparsemerge.data import batches
+            from sparsemerge.data.batching import batches
 
             it = batches(run.train_data, config.batch_size, True, config.seed, 0)
             for _ in range(5):

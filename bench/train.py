@@ -65,7 +65,7 @@ def worker(name: str, steps: int, warmup: int, threads: int, clock: str,
     sys.path.insert(0, str(Path(__file__).parent))
     from _baselines import method_for
 
-    from sparsemerge.data import shipped_dir
+    from sparsemerge.data.tasks import shipped_dir
     from sparsemerge.train.config import TrainConfig
     from sparsemerge.train.loop import setup, train_step
 

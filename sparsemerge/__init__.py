@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from sparsemerge._version import __version__
 
 _EXPORTS = {
     "BaseInfo": "sparsemerge.adapter",
@@ -26,8 +26,9 @@ _EXPORTS = {
     "SparseMergeError": "sparsemerge.errors",
     "apply": "sparsemerge.apply",
     "materialize": "sparsemerge.apply",
-    "MultiHeadModel": "sparsemerge.merge.multihead",
+    "MultiHeadModel": "sparsemerge.multihead",
     "merge_adapters": "sparsemerge.merge.engine",
+    "push_adapter": "sparsemerge.hub",
 }
 
 

@@ -167,16 +167,6 @@ class SparseAdapter:
     def trainable(self) -> int:
         return sum(t.trainable for t in self.targets.values())
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary directory and upload it as one commit (see ``hub.push``)."""
-        import tempfile
-
-        from sparsemerge.formats.adapter_file import save_adapter
-        from sparsemerge.hub import push
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return push(save_adapter(self, f"{tmp}/adapter"), repo_id, **kwargs)
-
     @property
     def target_numel(self) -> int:
         total = 0

@@ -1,149 +1,19 @@
-"""Scoring models and adapters: metrics on labelled data, and predictions for raw texts.
+"""Scoring adapters and merged models: load a base with an adapter applied, score it.
 
-``evaluate_model`` and ``predict`` work on any classifier: by default they call
-``model(**batch).logits``; pass ``logits=`` (a function of a batch) to score something else,
-e.g. one task of a multi-head model. ``load_adapted`` builds a base model with an adapter
-applied, as the ``evaluate`` and ``predict`` commands do. Inputs are moved to the device of the
-model's parameters (see :func:`on_model_device`), so a model moved to CUDA just works.
+``load_adapted`` builds a base model with an adapter applied, as the ``evaluate`` and
+``predict`` commands do; the metrics themselves come from :mod:`sparsemerge.scoring`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sparsemerge.adapter import SparseAdapter
-from sparsemerge.data import TASKS, LabeledData, batches, encode
+from sparsemerge.data.tasks import TASKS
 from sparsemerge.errors import SparseMergeError
-from sparsemerge.metrics import compute_metrics
-from sparsemerge.models import DEMO_BASE_ID
-
-LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-
-
-def metric_names(num_labels: int) -> tuple[str, ...]:
-    """accuracy, F1 (binary for two classes, else macro) and Matthews correlation."""
-    return ("accuracy", "f1", "matthews") if num_labels <= 2 else (
-        "accuracy", "f1_macro", "matthews")
-
-
-def on_model_device(model: nn.Module | None, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """``batch`` with its tensors on the device of ``model``'s parameters (unchanged without
-    a model or parameters)."""
-    param = next(model.parameters(), None) if model is not None else None
-    if param is None:
-        return dict(batch)
-    return {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _default_logits(model: nn.Module) -> LogitsFn:
-    def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
-        return model(**inputs).logits
-
-    return fn
-
-
-def _by_length(encoded: dict) -> dict:
-    """The same examples sorted by length, so batches need little padding (metrics do not
-    depend on the order; this makes a dev pass ~1.5-2x faster)."""
-    ids = encoded["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = type(encoded)({k: [v[i] for i in order] for k, v in encoded.items()})
-    if hasattr(encoded, "pad_token_id"):
-        out.pad_token_id = encoded.pad_token_id
-    return out
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module | None, encoded: dict, batch_size: int = 64, *,
-                   num_labels: int | None = None, logits: LogitsFn | None = None
-                   ) -> dict[str, float]:
-    """Mean cross-entropy ``loss`` and accuracy / F1 / Matthews on ``encoded`` (from
-    ``data.encode``), plus ``examples``. The model is put in eval mode for the call; batches
-    go to its device."""
-    fn = logits or _default_logits(model)
-    was_training = model.training if model is not None else False
-    if model is not None:
-        model.eval()
-    total, preds, labels = 0.0, [], []
-    try:
-        for batch in batches(_by_length(encoded), batch_size, shuffle=False, seed=0):
-            batch = on_model_device(model, batch)
-            out = fn(batch).float()
-            total += float(F.cross_entropy(out, batch["labels"], reduction="sum"))
-            preds.append(out.argmax(-1))
-            labels.append(batch["labels"])
-    finally:
-        if model is not None and was_training:
-            model.train()
-    p, y = torch.cat(preds), torch.cat(labels)
-    k = num_labels or int(out.shape[-1])
-    result = compute_metrics(p, y, metric_names(k))
-    result["loss"] = total / len(y)
-    result["examples"] = len(y)
-    return result
-
-
-@torch.no_grad()
-def predict(model: nn.Module, tokenizer: Any, texts: Sequence[str],
-            pairs: Sequence[str] | None = None, *, batch_size: int = 32,
-            max_length: int = 512, labels: Sequence[str] | None = None,
-            logits: LogitsFn | None = None) -> list[tuple[str, float]]:
-    """(label, probability) of the most likely class for each text (or text pair).
-
-    Texts longer than ``max_length`` tokens are truncated. Label names come from ``labels``
-    or the model's ``config.id2label``.
-    """
-    if pairs is not None and len(pairs) != len(texts):
-        raise SparseMergeError(f"{len(texts)} texts but {len(pairs)} text pairs")
-    if not texts:
-        return []
-    fn = logits or _default_logits(model)
-    if labels is None:
-        id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-        labels = [id2label.get(i, str(i)) for i in range(len(id2label))]
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    was_training = model.training if model is not None else False
-    if model is not None:
-        model.eval()
-    out: list[tuple[str, float]] = []
-    try:
-        for lo in range(0, len(texts), batch_size):
-            chunk = list(texts[lo:lo + batch_size])
-            args = (chunk, list(pairs[lo:lo + batch_size])) if pairs is not None else (chunk,)
-            enc = tokenizer(*args, truncation=True, max_length=limit, padding=True,
-                            return_tensors="pt")
-            probs = fn(on_model_device(model, enc)).float().softmax(-1)
-            p, i = probs.max(-1)
-            for pi, ii in zip(p.tolist(), i.tolist(), strict=True):
-                out.append((labels[ii] if ii < len(labels) else str(ii), pi))
-    finally:
-        if model is not None and was_training:
-            model.train()
-    return out
-
-
-# ------------------------------------------------------------------------ adapters + data
-
-
-def adapter_base(adapter: SparseAdapter, base: str | None = None,
-                 gguf_file: str | None = None) -> tuple[str | None, str | None]:
-    """(base, gguf_file) to load for ``adapter``: the given ones, else what it was trained
-    on (``None`` = the demo MiniLM when the adapter was trained on it)."""
-    hp = adapter.hyperparameters
-    if gguf_file is None and base is None:
-        gguf_file = hp.get("gguf_file") if isinstance(hp.get("gguf_file"), str) else None
-    if base is None:
-        base = adapter.base.model_id
-        if base == DEMO_BASE_ID:
-            base = None
-    return base, gguf_file
+from sparsemerge.models import adapter_base
 
 
 def trained_task(adapter: SparseAdapter) -> tuple[str | None, str | None]:
@@ -161,9 +31,8 @@ def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *
     """(task model with the adapter applied, on ``device`` if given; tokenizer, adapter,
     task name)."""
     from sparsemerge.apply import apply, pick_head
-    from sparsemerge.data import resolve_pad_token_id
     from sparsemerge.formats.adapter_file import load_adapter
-    from sparsemerge.models import load_task_model, load_tokenizer
+    from sparsemerge.models import load_task_model, load_tokenizer, resolve_pad_token_id
 
     if not isinstance(adapter, SparseAdapter):
         adapter = load_adapter(adapter)
@@ -182,11 +51,3 @@ def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *
         model.to(device)
     model.eval()
     return model, tok, adapter, task_name
-
-
-def evaluate_data(model: nn.Module, tokenizer: Any, data: LabeledData, *,
-                  batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
-    """Metrics of ``model`` on ``data`` (over-long examples truncated, never dropped)."""
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    encoded, _ = encode(data, tokenizer, limit, drop_long=False)
-    return evaluate_model(model, encoded, batch_size, num_labels=len(data.labels))

@@ -60,17 +60,17 @@ def export_peft(adapter: SparseAdapter | str | Path, out: str | Path, *,
     import peft
 
     from sparsemerge.apply import pick_head
-    from sparsemerge.data import resolve_pad_token_id
-    from sparsemerge.evaluate import adapter_base
     from sparsemerge.formats.adapter_file import load_adapter
     from sparsemerge.formats.atomic import atomic_directory
     from sparsemerge.models import (
+        adapter_base,
         backbone_of,
         check_base,
         load_backbone,
         load_task_model,
         load_tokenizer,
         named_base_tensors,
+        resolve_pad_token_id,
     )
 
     if not isinstance(adapter, SparseAdapter):

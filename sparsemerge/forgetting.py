@@ -127,9 +127,8 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
     """Plain-text next-token loss of a decoder base before and after applying ``adapter``
     (computed on ``device``, default CPU)."""
     from sparsemerge.apply import apply
-    from sparsemerge.data import plain_text_sample
-    from sparsemerge.evaluate import adapter_base
-    from sparsemerge.models import load_tokenizer
+    from sparsemerge.data.tasks import plain_text_sample
+    from sparsemerge.models import adapter_base, load_tokenizer
 
     ad = _load(adapter)
     base, gguf_file = adapter_base(ad, base, gguf_file)
@@ -162,9 +161,10 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
     ``task``: the preset to evaluate (default: the one ``alongside`` was trained on, with its
     ``data_dir``); ``max_examples``: score only the first N examples of the split.
     """
-    from sparsemerge.data import load_task
-    from sparsemerge.evaluate import evaluate_data, load_adapted, trained_task
+    from sparsemerge.data.tasks import load_task
+    from sparsemerge.evaluate import load_adapted, trained_task
     from sparsemerge.merge.engine import merge_adapters
+    from sparsemerge.scoring import evaluate_data
 
     ad, other = _load(adapter), _load(alongside)
     if not other.heads:

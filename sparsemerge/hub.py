@@ -1,7 +1,8 @@
 """Push adapters / merged models to the Hugging Face Hub and pull them back.
 
-- :func:`push` uploads a directory as **one** commit (``HfApi.create_commit``), creating the
-  repo (and the branch, for a new ``revision``) first, or opening a pull request.
+- :func:`push` uploads a directory (:func:`push_adapter` an in-memory adapter) as **one**
+  commit (``HfApi.create_commit``), creating the repo (and the branch, for a new
+  ``revision``) first, or opening a pull request.
 - :func:`pull` downloads a snapshot through the Hub cache and returns its path; with ``out``
   the files are also copied into ``out`` (plain files, no ``.cache/`` folder inside).
 - :func:`resolve_path` turns ``hf://owner/name[@rev]`` into a local directory (through the
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 from sparsemerge.errors import HubError
 
 if TYPE_CHECKING:
+    from sparsemerge.adapter import SparseAdapter
     from huggingface_hub import HfApi
 
 HF_SCHEME = "hf://"
@@ -295,7 +297,7 @@ def push(
     if resolved_token is None:
         raise HubError(f"cannot push to {repo_id}: you are not logged in. {_LOGIN_HINT}")
     if commit_message is None:
-        from sparsemerge import __version__
+        from sparsemerge._version import __version__
 
         commit_message = f"Upload {src.name or 'files'} with sparsemerge {__version__}"
 
@@ -326,6 +328,15 @@ def push(
         pr_url=pr_url,
         files=len(files),
     )
+
+
+def push_adapter(adapter: SparseAdapter, repo_id: str, **kwargs) -> PushResult:
+    """Write ``adapter`` to a temporary directory and upload it as one commit (see
+    :func:`push` for ``kwargs``)."""
+    from sparsemerge.formats.adapter_file import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return push(save_adapter(adapter, Path(tmp) / "adapter"), repo_id, **kwargs)
 
 
 def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> str:

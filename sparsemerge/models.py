@@ -14,12 +14,13 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from sparsemerge.adapter import BaseInfo
-from sparsemerge.errors import BaseMismatchError, SparseMergeError
+from sparsemerge.adapter import BaseInfo, SparseAdapter
+from sparsemerge.errors import BaseMismatchError, DataError, SparseMergeError
 
 HEAD_MODULES = ("classifier", "score", "classification_head")
 FINGERPRINT_SAMPLES = 64
@@ -206,3 +207,36 @@ def check_base(expected: BaseInfo, tensors: Mapping[str, torch.Tensor], names: l
     if missing or not force:
         raise BaseMismatchError(msg)
     warnings.warn(msg, stacklevel=3)
+
+
+def resolve_pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id (the usual choice for decoder models).
+
+    Decoder tokenizers (Llama, SmolLM, GPT-2) often have no pad token. Right padding with EOS
+    is harmless for training because the attention mask hides padding, but the model must be
+    told: set ``model.config.pad_token_id`` to this value so sequence-classification heads
+    find the last real token.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise DataError(
+            "the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token "
+            "(and model.config.pad_token_id) before encoding"
+        )
+    return int(pad)
+
+
+def adapter_base(adapter: SparseAdapter, base: str | None = None,
+                 gguf_file: str | None = None) -> tuple[str | None, str | None]:
+    """(base, gguf_file) to load for ``adapter``: the given ones, else what it was trained
+    on (``None`` = the demo MiniLM when the adapter was trained on it)."""
+    hp = adapter.hyperparameters
+    if gguf_file is None and base is None:
+        gguf_file = hp.get("gguf_file") if isinstance(hp.get("gguf_file"), str) else None
+    if base is None:
+        base = adapter.base.model_id
+        if base == DEMO_BASE_ID:
+            base = None
+    return base, gguf_file

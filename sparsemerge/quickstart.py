@@ -77,10 +77,10 @@ def run_quickstart(output: str | Path, tasks: Sequence[str] = SHIPPED_TASKS, *,
     ``base`` and ``max_steps`` exist for tests (a tiny model, a few steps); ``log`` receives
     one line per phase.
     """
-    from sparsemerge.data import TASKS, load_task
+    from sparsemerge.data.tasks import TASKS, load_task
     from sparsemerge.merge.engine import overlap_report
-    from sparsemerge.merge.multihead import MultiHeadModel
     from sparsemerge.merge.recipe import build_recipe, run_recipe
+    from sparsemerge.multihead import MultiHeadModel
     from sparsemerge.train.loop import train
 
     if len(tasks) < 2:

@@ -43,7 +43,7 @@ def _run(*args: str):
 
 
 def test_merge_heads_end_to_end(adapters):
-    from sparsemerge.merge.multihead import MultiHeadModel
+    from sparsemerge.multihead import MultiHeadModel
 
     root, paths = adapters
     out = root / "merged-heads"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sparsemerge.cli import app
 from sparsemerge.formats.adapter_file import save_adapter
-from sparsemerge.merge.multihead import MultiHeadModel, evaluate_merged
+from sparsemerge.multihead import MultiHeadModel, evaluate_merged
 from tests.test_merge_engine import make_adapter
 from tests.test_train import json_by_device
 

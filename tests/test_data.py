@@ -12,22 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsemerge.data import (
-    TASKS,
-    Example,
-    LabeledData,
-    batches,
-    concat,
-    encode,
-    load_task,
-    make_subset,
-    num_batches,
-    plain_text_sample,
-    read_table,
-    resolve_pad_token_id,
-    shipped_dir,
-)
+from sparsemerge.data.batching import batches, encode, num_batches
+from sparsemerge.data.examples import Example, LabeledData, concat
+from sparsemerge.data.readers import read_table
+from sparsemerge.data.tasks import TASKS, load_task, make_subset, plain_text_sample, shipped_dir
 from sparsemerge.errors import DataError, SparseMergeError
+from sparsemerge.models import resolve_pad_token_id
 
 SHARED = Path(os.environ.get("SPARSEMERGE_TEST_DATA")
               or Path(__file__).resolve().parents[2] / "shared" / "data")

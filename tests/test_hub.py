@@ -18,7 +18,7 @@ import yaml
 
 from sparsemerge.card import adapter_card, card_metadata, merged_card
 from sparsemerge.errors import HubError
-from sparsemerge.hub import parse_hub_uri, pull, pull_info, push, resolve_path
+from sparsemerge.hub import parse_hub_uri, pull, pull_info, push, push_adapter, resolve_path
 from tests.hub_server import (
     FORBIDDEN_NAMESPACE,
     READ_ONLY_TOKEN,
@@ -258,12 +258,12 @@ def test_resolve_path_and_offline(hub_server, tmp_path, api_kw, monkeypatch):
 
 
 def test_adapter_push_to_hub_and_load_adapter_hf_uri(hub_server, tmp_path, api_kw):
-    """The library's own entry points: SparseAdapter.push_to_hub and load_adapter("hf://")."""
+    """The library's own entry points: push_adapter and load_adapter("hf://")."""
     from sparsemerge import load_adapter
     from tests.test_format import assert_same, make_adapter
 
     adapter = make_adapter()
-    res = adapter.push_to_hub("alice/real", **api_kw)
+    res = push_adapter(adapter, "alice/real", **api_kw)
     assert {"adapter.safetensors", "adapter_config.json", "README.md"} <= set(
         hub_server.files("alice/real"))
     card = hub_server.files("alice/real")["README.md"].decode()

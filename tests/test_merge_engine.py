@@ -21,10 +21,10 @@ from sparsemerge.errors import BaseMismatchError, FormatError, SparseMergeError
 from sparsemerge.formats.adapter_file import load_adapter, save_adapter
 from sparsemerge.formats.merged import INDEX_NAME, parse_size, read_merged
 from sparsemerge.merge.engine import file_sha256, merge_adapters
-from sparsemerge.merge.multihead import MultiHeadModel, evaluate_merged, predict_merged
 from sparsemerge.merge.recipe import build_recipe, load_recipe, run_recipe
 from sparsemerge.merge.stream import BaseCheckpoint, save_merged_model
 from sparsemerge.models import base_info, default_targets
+from sparsemerge.multihead import MultiHeadModel, evaluate_merged, predict_merged
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -408,8 +408,8 @@ def test_multihead_logits_equal_single_task_models_llama(tiny_llama_dir, tmp_pat
 
 
 def test_evaluate_merged_on_files_and_labeled_data(bert_merged, tmp_path):
-    from sparsemerge.data import Example, LabeledData
-    from sparsemerge.evaluate import evaluate_model
+    from sparsemerge.data.examples import Example, LabeledData
+    from sparsemerge.scoring import evaluate_model
 
     out, merged = bert_merged
     sst = tmp_path / "sst2_dev.tsv"
@@ -424,7 +424,7 @@ def test_evaluate_merged_on_files_and_labeled_data(bert_merged, tmp_path):
         assert {"accuracy", "matthews", "loss", "examples"} <= set(r)
     assert res["sst2"]["examples"] == 4 and res["cola"]["examples"] == 3
     # equals evaluating the single-task reference model
-    from sparsemerge.data import encode
+    from sparsemerge.data.batching import encode
 
     mh = MultiHeadModel.from_pretrained(out)
     enc, _ = encode(cola, mh.tokenizer, 128, drop_long=False)

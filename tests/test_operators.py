@@ -21,8 +21,8 @@ from peft.utils import merge_utils
 
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.merge import OPERATORS, Operator, SparseVector, get_operator, operator_params
-from sparsemerge.merge.operators.base import trim_count, trim_top_magnitude
 from sparsemerge.merge.operators.dare import adapter_seed, dare_keep_mask
+from sparsemerge.merge.operators.kernels import trim_count, trim_top_magnitude
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 import sparsemerge.train.loop as loop
 from sparsemerge import masks
 from sparsemerge.adapter import BaseInfo, SparseAdapter, SparseTensor, TargetDelta
-from sparsemerge.data import batches
+from sparsemerge.data.batching import batches
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.evaluate import load_adapted
 from sparsemerge.export import export_peft

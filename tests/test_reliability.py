@@ -335,8 +335,8 @@ def test_disk_full_data_writers(small_fs, tmp_path):
     temp file is left."""
     import numpy as np
 
-    from sparsemerge.data import make_subset
-    from sparsemerge.textual_mnist import write_jsonl
+    from sparsemerge.data.tasks import make_subset
+    from sparsemerge.data.textual_mnist import write_jsonl
     from tests.test_textual_mnist import idx_bytes
 
     n = 400  # ~100 KB of JSON Lines at 14x14: more than the 64 KiB tmpfs
@@ -419,7 +419,7 @@ def test_merged_nan_inf_rejected_naming_file_and_tensor(merged_pair, tmp_path, w
     from sparsemerge.errors import FormatError
     from sparsemerge.formats import merged as merged_format
     from sparsemerge.formats.merged import read_merged
-    from sparsemerge.merge.multihead import MultiHeadModel
+    from sparsemerge.multihead import MultiHeadModel
 
     one, _, _ = merged_pair
     bad = tmp_path / "bad"

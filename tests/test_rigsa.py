@@ -14,7 +14,7 @@ import torch
 
 from sparsemerge.adapter import SparseAdapter
 from sparsemerge.apply import apply
-from sparsemerge.data import batches
+from sparsemerge.data.batching import batches
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.forgetting import forgetting, lm_forgetting, lm_loss, task_forgetting
 from sparsemerge.formats.adapter_file import load_adapter, read_adapter

@@ -13,9 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsemerge.cli.data import app
-from sparsemerge.data import read_table
-from sparsemerge.errors import DataError
-from sparsemerge.textual_mnist import (
+from sparsemerge.data.readers import read_table
+from sparsemerge.data.textual_mnist import (
     LABELS,
     SPLITS,
     prompt,
@@ -23,6 +22,7 @@ from sparsemerge.textual_mnist import (
     to_text,
     write_jsonl,
 )
+from sparsemerge.errors import DataError
 
 MNIST = Path(os.environ.get("SPARSEMERGE_TEST_DATA")
              or Path(__file__).resolve().parents[2] / "shared" / "data") / "mnist"

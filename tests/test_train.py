@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 from sparsemerge import masks
 from sparsemerge.cli import app
 from sparsemerge.errors import SparseMergeError
-from sparsemerge.evaluate import load_adapted, predict
+from sparsemerge.evaluate import load_adapted
 from sparsemerge.formats.adapter_file import load_adapter, read_adapter
 from sparsemerge.models import backbone_of
+from sparsemerge.scoring import predict
 from sparsemerge.train import loop
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.heads import HEAD_SIGMA
@@ -213,7 +214,7 @@ def test_saved_adapter_reproduces_trained_logits(tiny_bert_dir, synth, tmp_path,
         torch.testing.assert_close(model(**enc).logits, run.model(**enc).logits, rtol=0,
                                    atol=1e-6)
     # The reported metrics are those of the saved adapter.
-    from sparsemerge.evaluate import evaluate_model
+    from sparsemerge.scoring import evaluate_model
 
     again = evaluate_model(model, run.dev_data, 64)
     assert again["accuracy"] == result.metrics["accuracy"]
@@ -423,7 +424,7 @@ def test_cli_evaluate_on_cuda_matches_cpu(random_adapter, synth):
 @pytest.mark.minilm
 def test_minilm_sst2_few_steps(minilm_dir, tmp_path, one_thread):
     """Real MiniLM on real SST-2 rows: 40 steps already beat chance clearly."""
-    from sparsemerge.data import shipped_dir
+    from sparsemerge.data.tasks import shipped_dir
 
     torch.set_num_threads(one_thread)  # a real model: use every core
     dev = tmp_path / "dev.tsv"

@@ -57,7 +57,7 @@ def textual_mnist(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Write MNIST images as text (one digit 0-9 per pixel), one JSON object per line."""
-    from sparsemerge.textual_mnist import SPLITS, write_jsonl
+    from sparsemerge.data.textual_mnist import SPLITS, write_jsonl
 
     with _user_errors():
         if split is not None:
@@ -80,7 +80,7 @@ def tasks(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List the task presets: files, labels, metric and whether a subset ships built in."""
-    from sparsemerge.data import TASKS
+    from sparsemerge.data.tasks import TASKS
 
     rows = [{"task": t.name, "description": t.description, "folder": t.folder,
              "splits": {s: list(f) for s, f in t.files.items()}, "labels": list(t.labels),
@@ -120,7 +120,8 @@ def check(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Read a labelled table the way training will, and report rows, labels and problems."""
-    from sparsemerge.data import load_task, read_table
+    from sparsemerge.data.readers import read_table
+    from sparsemerge.data.tasks import load_task
 
     def col(c: str | None) -> str | int | None:
         return int(c) if c is not None and c.isdigit() else c

@@ -2,7 +2,7 @@
 
 The commands in :mod:`sparsemerge.cli.train` hand over here when their path holds a merged
 model (:func:`sparsemerge.formats.merged.is_merged_dir`); this module is a thin layer over
-:class:`sparsemerge.merge.multihead.MultiHeadModel` and :func:`~sparsemerge.merge.multihead.
+:class:`sparsemerge.multihead.MultiHeadModel` and :func:`~sparsemerge.multihead.
 task_data`, which decides what ``--task NAME=SOURCE`` means.
 """
 
@@ -60,7 +60,7 @@ def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] |
                     ) -> None:
     """Every head's label and probability for each text (``--head`` keeps one), computed on
     ``device`` (default CPU)."""
-    from sparsemerge.merge.multihead import MultiHeadModel
+    from sparsemerge.multihead import MultiHeadModel
 
     with user_errors():
         if pairs and len(pairs) != len(texts):
@@ -93,8 +93,8 @@ def evaluate_command(path: Path, shown: str, *, tasks: Sequence[str] | None,
                      device: torch.device | None = None, **data_options: Any) -> None:
     """Each head's metrics on its data (``data_options``: as ``task_data`` takes them),
     computed on ``device`` (default CPU)."""
-    from sparsemerge.data import TASKS
-    from sparsemerge.merge.multihead import MultiHeadModel, task_data
+    from sparsemerge.data.tasks import TASKS
+    from sparsemerge.multihead import MultiHeadModel, task_data
 
     with user_errors():
         specs = parse_task_specs(tasks)

@@ -17,7 +17,7 @@ from sparsemerge.cli.multihead import (
     predict_command,
     refuse_adapter_options,
 )
-from sparsemerge.data import TASKS
+from sparsemerge.data.tasks import TASKS
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.quickstart import SHIPPED_TASKS
 from sparsemerge.train.config import TrainConfig
@@ -379,9 +379,11 @@ def evaluate(
 
     $ sparsemerge evaluate mnist --forgetting --alongside sst2
     """
-    from sparsemerge.data import load_task, read_table
-    from sparsemerge.evaluate import evaluate_data, load_adapted, trained_task
+    from sparsemerge.data.readers import read_table
+    from sparsemerge.data.tasks import load_task
+    from sparsemerge.evaluate import load_adapted, trained_task
     from sparsemerge.formats.merged import is_merged_dir
+    from sparsemerge.scoring import evaluate_data
     from sparsemerge.train.distributed import resolve_device
 
     with user_errors():
@@ -470,8 +472,8 @@ def predict(
     $ sparsemerge predict merged "The film were great." --json
     """
     from sparsemerge.evaluate import load_adapted
-    from sparsemerge.evaluate import predict as predict_api
     from sparsemerge.formats.merged import is_merged_dir
+    from sparsemerge.scoring import predict as predict_api
     from sparsemerge.train.distributed import resolve_device
 
     with user_errors():

@@ -102,7 +102,7 @@ def _encode_sparse(st: SparseTensor, key: str, name: str, codec: str | None,
 def adapter_config(adapter: SparseAdapter, tensors: dict[str, torch.Tensor] | None = None,
                    codec: str | None = None, value_dtype: str | None = None) -> dict[str, Any]:
     """The JSON config of ``adapter``; fills ``tensors`` with what the file stores."""
-    from sparsemerge import __version__
+    from sparsemerge._version import __version__
 
     tensors = {} if tensors is None else tensors
     targets: dict[str, Any] = {}

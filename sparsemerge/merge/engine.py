@@ -37,7 +37,7 @@ import torch
 from sparsemerge.adapter import BaseInfo, Head, SparseAdapter, SparseTensor, TargetDelta
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.merge.operators import get_operator
-from sparsemerge.merge.operators.base import SparseVector
+from sparsemerge.merge.operators.kernels import SparseVector
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -188,7 +188,7 @@ def merge_adapters(adapters: Sequence[SparseAdapter], method: str,
     ``weights`` (one per adapter, default 1.0 each) scale the inputs. Heads are carried over
     per task. Returns a plain-sparse adapter whose metadata records the merge.
     """
-    from sparsemerge import __version__
+    from sparsemerge._version import __version__
 
     adapters = list(adapters)
     if not adapters:

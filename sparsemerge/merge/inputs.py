@@ -273,7 +273,7 @@ def _name_seed(seed: int, name: str) -> int:
 def sparsify_delta(delta: torch.Tensor, density: float, method: str = "magnitude", *,
                    seed: int = 0, name: str = "") -> SparseTensor:
     """Keep ``density`` of a dense delta's entries: by magnitude, or DARE (see module doc)."""
-    from sparsemerge.merge.operators.base import trim_count
+    from sparsemerge.merge.operators.kernels import trim_count
 
     if not 0.0 < density <= 1.0:
         raise SparseMergeError(f"density must be in (0, 1], got {density}")

@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.formats.merged import DEFAULT_MAX_SHARD_SIZE, parse_size
 from sparsemerge.merge.operators import get_operator
-from sparsemerge.merge.operators.base import Param
 
 DEFAULT_METHOD = "sum"
 DEFAULT_INPUT_DENSITY = 0.01
@@ -263,9 +263,9 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
 
 def load_inputs(recipe: MergeRecipe, *, progress: Callable[[str, int, int], None] | None = None):
     """Load every input as a SparseAdapter; returns (adapters, base, gguf_file)."""
-    from sparsemerge.evaluate import adapter_base
     from sparsemerge.hub import resolve_path
     from sparsemerge.merge.inputs import input_kind, load_merge_input
+    from sparsemerge.models import adapter_base
 
     kinds = []
     for inp in recipe.inputs:

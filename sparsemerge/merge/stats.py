@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .operators.base import SparseVector
+from .operators.kernels import SparseVector
 
 __all__ = [
     "PairStats",

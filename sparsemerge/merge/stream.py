@@ -451,13 +451,11 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
     """Write ``adapter`` (a merged adapter with one head per task) as a merged multi-head
     model directory at ``out``, atomically. ``base`` defaults to the base the adapters were
     trained on. Returns a report (files, shards, bytes, streamed or not, seconds)."""
-    from sparsemerge import __version__
+    from sparsemerge._version import __version__
     from sparsemerge.card import merged_card
-    from sparsemerge.data import resolve_pad_token_id
-    from sparsemerge.evaluate import adapter_base
     from sparsemerge.formats.atomic import atomic_directory
-    from sparsemerge.merge.multihead import head_model
-    from sparsemerge.models import load_tokenizer
+    from sparsemerge.models import adapter_base, load_tokenizer, resolve_pad_token_id
+    from sparsemerge.task_heads import head_model
 
     t0 = time.perf_counter()
     limit = parse_size(max_shard_size)

@@ -49,18 +49,11 @@ import torch
 from torch import nn
 
 from sparsemerge.adapter import BaseInfo, SparseAdapter
-from sparsemerge.data import (
-    TASKS,
-    LabeledData,
-    batches,
-    encode,
-    load_task,
-    num_batches,
-    read_table,
-    resolve_pad_token_id,
-)
+from sparsemerge.data.batching import batches, encode, num_batches
+from sparsemerge.data.examples import LabeledData
+from sparsemerge.data.readers import read_table
+from sparsemerge.data.tasks import TASKS, load_task
 from sparsemerge.errors import SparseMergeError
-from sparsemerge.evaluate import evaluate_model, metric_names
 from sparsemerge.models import (
     DEMO_BASE_ID,
     backbone_of,
@@ -68,7 +61,9 @@ from sparsemerge.models import (
     default_targets,
     load_task_model,
     load_tokenizer,
+    resolve_pad_token_id,
 )
+from sparsemerge.scoring import evaluate_model, metric_names
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.distributed import (
     all_gather,

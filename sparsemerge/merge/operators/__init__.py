@@ -6,10 +6,12 @@ summary, reference, params, ``_merge``) and add it to ``_ALL`` below.
 
 from __future__ import annotations
 
+from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
 
-from .base import Operator, Param, SparseVector
+from .base import Operator
 from .dare import Dare
+from .kernels import SparseVector
 from .linear import Sum, Weighted
 from .sign_consensus import SignConsensus
 from .ties import Ties

@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
 
-from .base import LAM, Batch, Operator, Param, SparseVector, weighted_sum
+from .base import LAM, Operator
+from .kernels import Batch, SparseVector, weighted_sum
 from .ties import ties_merge
 
 _MASK64 = (1 << 64) - 1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LAM, Batch, Operator, SparseVector, weighted_sum
+from .base import LAM, Operator
+from .kernels import Batch, SparseVector, weighted_sum
 
 
 class Sum(Operator):

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LAM, Batch, Operator, Param, SparseVector, disjoint_mean, trim_batch
+from sparsemerge.declare import Param
+
+from .base import LAM, Operator
+from .kernels import Batch, SparseVector, disjoint_mean, trim_batch
 
 DENSITY = Param(
     "density", float, 0.2,

@@ -40,36 +40,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from sparsemerge.declare import Declared
 from sparsemerge.errors import SparseMergeError
-from sparsemerge.merge.operators.base import Param
 
 if TYPE_CHECKING:
     from sparsemerge.adapter import TargetDelta
     from sparsemerge.train.config import TrainConfig
 
 
-class Method:
+class Method(Declared):
     """Base class of training methods (SpaRTA, RIGSA, Partial-LoRA, baselines)."""
 
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    reference: ClassVar[str]
-    params: ClassVar[tuple[Param, ...]] = ()
+    kind = "method"
     #: Does the method train entries of the backbone's target tensors (``--targets``)?
     uses_targets: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("_abstract", False):
-            return
-        for attr in ("name", "summary", "reference"):
-            if not isinstance(getattr(cls, attr, None), str):
-                raise TypeError(f"training method {cls.__name__} must declare '{attr}'")
-        names = [p.name for p in cls.params]
-        if len(set(names)) != len(names):
-            raise TypeError(f"training method {cls.name}: duplicate parameter names {names}")
-
-    _abstract: ClassVar[bool] = True
+    _abstract = True
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -77,33 +62,17 @@ class Method:
         self.rebuild_optimizer = False
         self._groups: list[dict[str, Any]] = []
 
-    # -- declarations -----------------------------------------------------------------------
     @classmethod
     def resolve_params(cls, config: TrainConfig) -> dict[str, Any]:
         """Each declared param from ``config.method_params``, else the config field of the
         same name (e.g. ``density``), else its default; converted and validated."""
-        known = {p.name: p for p in cls.params}
-        unknown = sorted(set(config.method_params) - set(known))
-        if unknown:
-            have = ", ".join(known) or "none"
-            raise SparseMergeError(f"method '{cls.name}' has no parameter(s) "
-                                   f"{', '.join(unknown)}; its parameters: {have}")
+        cls.reject_unknown(config.method_params)
         where = f"method '{cls.name}': "
         out = {}
-        for name, p in known.items():
-            if name in config.method_params:
-                value = config.method_params[name]
-            else:
-                value = getattr(config, name, p.default)
-            out[name] = value if value is None and p.default is None else p.check(value, where)
+        for p in cls.params:
+            value = config.method_params.get(p.name, getattr(config, p.name, p.default))
+            out[p.name] = value if value is None and p.default is None else p.check(value, where)
         return out
-
-    @classmethod
-    def describe(cls) -> str:
-        """Multi-line help: summary, reference, then one line per parameter."""
-        lines = [f"{cls.name}: {cls.summary}", f"  reference: {cls.reference}"]
-        lines += [f"  {p.describe()}" for p in cls.params]
-        return "\n".join(lines)
 
     # -- hooks ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,

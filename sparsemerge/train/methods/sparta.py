@@ -20,8 +20,8 @@ from torch import nn
 
 from sparsemerge import masks
 from sparsemerge.adapter import SparseTensor, TargetDelta
+from sparsemerge.declare import Param
 from sparsemerge.formats.adapter_file import DTYPES
-from sparsemerge.merge.operators.base import Param
 from sparsemerge.models import backbone_of
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.methods.base import Method

@@ -1,20 +1,10 @@
 """One backbone, one head per task: a merged model that answers every task in one forward.
 
-How the heads reproduce the single-task models exactly
-------------------------------------------------------
-Each head runs inside the *task model's own class*
-(``AutoModelForSequenceClassification`` for the backbone's config, with the task's labels and
-pad token), built on the ``meta`` device. Its backbone attribute (``base_model_prefix``:
-``bert``, ``model``, ``roberta``, ...) is replaced by a stand-in that returns the output of the
-one shared backbone forward, and only the head module (``classifier`` / ``score`` / ...) is
-materialised with the task's weights. So the head sees exactly what it would see in the
-single-task model and applies exactly the same code: for BERT the classifier on the pooled
-output after dropout (a no-op in eval mode); for RoBERTa-style heads the head on the first
-token's hidden state; for Llama-family decoders ``score`` on the hidden state of the last
-token that is not the pad token (``config.pad_token_id``, stored per head). Logits equal the
-single-task ``AutoModelForSequenceClassification`` with the same weights (tested on BERT and
-Llama). Task models whose head spans several modules (e.g. DistilBERT's ``pre_classifier`` +
-``classifier``) are refused with a clear error.
+Each head runs inside its single-task model class on the shared backbone output (see
+:mod:`sparsemerge.task_heads`), so its logits equal the single-task model's. Heads are held
+by task name in a plain mapping (``model.heads``), never as module attributes, so any string
+is a valid task name (``train``, ``to``, ``a.b c``...); their parameters are registered
+through ``model.head_modules`` so ``.to()`` and ``state_dict()`` see them.
 
 Python API: :meth:`MultiHeadModel.from_pretrained`, ``model(**batch) -> {task: logits}``,
 :meth:`MultiHeadModel.predict`, :meth:`MultiHeadModel.evaluate`, and the one-call helpers
@@ -24,7 +14,6 @@ for a merged directory.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,91 +23,9 @@ import torch
 from torch import nn
 
 from sparsemerge.errors import SparseMergeError
+from sparsemerge.task_heads import head_model
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-class _SharedBackbone(nn.Module):
-    """Stands in for a task model's backbone: returns the shared forward's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.output: Any = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.output is None:
-            raise RuntimeError("a head of MultiHeadModel was called outside its forward()")
-        return self.output
-
-
-def task_config(config, head_cfg: Mapping[str, Any]):
-    """The single-task model's config: the backbone's plus the task's labels and pad id."""
-    cfg = copy.deepcopy(config)
-    labels = list(head_cfg["labels"])
-    cfg.id2label = dict(enumerate(labels))
-    cfg.label2id = {n: i for i, n in enumerate(labels)}
-    cfg.problem_type = head_cfg.get("problem_type", "single_label_classification")
-    cfg.architectures = None
-    pad = head_cfg.get("pad_token_id")
-    if pad is not None:
-        cfg.pad_token_id = pad
-        if hasattr(cfg, "get_text_config"):
-            cfg.get_text_config().pad_token_id = pad
-    return cfg
-
-
-def head_model(config, head_cfg: Mapping[str, Any], params: Mapping[str, torch.Tensor],
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The task model of ``config`` with a shared-backbone stand-in and the given head."""
-    from transformers import AutoModelForSequenceClassification
-
-    from sparsemerge.models import quiet_transformers
-
-    cfg = task_config(config, head_cfg)
-    try:
-        with quiet_transformers(), torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(cfg)
-    except (ValueError, KeyError) as exc:
-        raise SparseMergeError(f"{type(config).__name__} has no sequence-classification model "
-                               f"in transformers: {exc}") from None
-    cls = type(model).__name__
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
-        raise SparseMergeError(f"{cls}: cannot find its backbone attribute ({prefix!r})")
-    setattr(model, prefix, _SharedBackbone())
-    module = head_cfg["module"]
-    head = getattr(model, module, None)
-    if not isinstance(head, nn.Module):
-        raise SparseMergeError(f"{cls} has no head module {module!r}; the head was made for "
-                               "another architecture")
-    stray = [n for n, _ in model.named_parameters() if not n.startswith(module + ".")]
-    stray += [n for n, _ in model.named_buffers() if not n.startswith(module + ".")]
-    if stray:
-        raise SparseMergeError(
-            f"{cls} has parameters outside its head module {module!r} ({', '.join(stray[:3])}); "
-            "multi-head models support architectures whose classification head is one module")
-    own = dict(head.named_parameters())
-    missing = sorted(set(own) - set(params))
-    unknown = sorted(set(params) - set(own))
-    if missing or unknown:
-        raise SparseMergeError(f"head parameters {sorted(params)} do not fit {cls}.{module} "
-                               f"(expects {sorted(own)})")
-    for name, p in own.items():
-        if tuple(params[name].shape) != tuple(p.shape):
-            raise SparseMergeError(
-                f"head parameter {name} has shape {tuple(params[name].shape)}, {cls}.{module} "
-                f"with {len(head_cfg['labels'])} labels needs {tuple(p.shape)}; the head does "
-                "not fit this backbone")
-    if any(True for _ in head.buffers()):
-        raise SparseMergeError(f"{cls}.{module} has buffers; not supported in a multi-head model")
-    head.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            p.copy_(params[name].to(p.dtype))
-    model.to(dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 class MultiHeadModel(nn.Module):
@@ -129,7 +36,8 @@ class MultiHeadModel(nn.Module):
                  recipe: Mapping[str, Any] | None = None):
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleDict(dict(heads))
+        self.head_modules = nn.ModuleList(heads.values())
+        self.heads: dict[str, nn.Module] = dict(zip(heads, self.head_modules, strict=True))
         self.tokenizer = tokenizer
         self.head_configs = {t: dict(c) for t, c in (head_configs or {}).items()}
         self.recipe = dict(recipe or {})
@@ -177,7 +85,7 @@ class MultiHeadModel(nn.Module):
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.heads.keys())
+        return list(self.heads)
 
     def labels(self, task: str) -> list[str]:
         cfg = self.head_configs.get(task)
@@ -231,7 +139,7 @@ class MultiHeadModel(nn.Module):
         the most likely label. Regression heads: ``("score", value)``. Inputs go to the
         model's device.
         """
-        from sparsemerge.evaluate import on_model_device
+        from sparsemerge.scoring import on_model_device
 
         if isinstance(texts, str):
             texts = [texts]
@@ -273,12 +181,12 @@ class MultiHeadModel(nn.Module):
         """``{task: metrics}`` for each task's labelled data (see :func:`task_data` for what a
         value may be and for ``options``).
 
-        Metrics are those of :func:`sparsemerge.evaluate.evaluate_model` (accuracy, F1,
+        Metrics are those of :func:`sparsemerge.scoring.evaluate_model` (accuracy, F1,
         Matthews correlation, loss, examples), which also moves each batch to this model's
         device. Over-long examples are truncated, not dropped.
         """
-        from sparsemerge.data import encode
-        from sparsemerge.evaluate import evaluate_model
+        from sparsemerge.data.batching import encode
+        from sparsemerge.scoring import evaluate_model
 
         tok = self._tokenizer()
         limit = min(max_length, getattr(tok, "model_max_length", max_length) or max_length)
@@ -315,7 +223,9 @@ def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | 
       read in the preset's layout (e.g. GLUE's ``dev.tsv``) unless columns are given; other
       files need ``text`` / ``label`` columns or ``text_column`` / ``label_column``.
     """
-    from sparsemerge.data import TASKS, Example, LabeledData, load_task, read_table
+    from sparsemerge.data.examples import Example, LabeledData
+    from sparsemerge.data.readers import read_table
+    from sparsemerge.data.tasks import TASKS, load_task
 
     labels = list(labels)
     if source is None or (isinstance(source, str) and source in TASKS
@@ -366,5 +276,5 @@ def evaluate_merged(path: str | Path, data: Mapping[str, Any], *, batch_size: in
     return model.evaluate(data, batch_size=batch_size, **options)
 
 
-__all__ = ["MultiHeadModel", "evaluate_merged", "head_model", "predict_merged", "task_config",
+__all__ = ["MultiHeadModel", "evaluate_merged", "predict_merged",
            "task_data"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemerge.data import read_data_bytes
+from sparsemerge.data.readers import read_data_bytes
 from sparsemerge.errors import DataError
 from sparsemerge.formats.atomic import atomic_write_bytes
 
