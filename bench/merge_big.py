@@ -90,8 +90,8 @@ def main() -> None:
     args = ap.parse_args()
     cap = parse_bytes(args.cap)
 
+    from sparsemerge.checkpoint import BaseCheckpoint
     from sparsemerge.formats.adapter_file import save_adapter
-    from sparsemerge.merge.stream import BaseCheckpoint
 
     with tempfile.TemporaryDirectory(prefix="sparsemerge-big-") as d:
         tmp = Path(d)

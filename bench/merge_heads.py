@@ -80,9 +80,9 @@ def random_adapter(ckpt, names, task: str, seed: int, density: float):
 def minilm(counts: list[int], tmp: Path) -> dict:
     from transformers import AutoModelForSequenceClassification
 
+    from sparsemerge.checkpoint import BaseCheckpoint
     from sparsemerge.formats.adapter_file import save_adapter
     from sparsemerge.merge.recipe import build_recipe, run_recipe
-    from sparsemerge.merge.stream import BaseCheckpoint
     from sparsemerge.multihead import MultiHeadModel
 
     ckpt = BaseCheckpoint(None)
@@ -139,8 +139,8 @@ def make_synthetic(path: Path, layers: int, *, hidden: int = 1024, intermediate:
     ``shard_bytes`` shards (the generator holds one tensor at a time, not the model)."""
     from transformers import LlamaConfig
 
+    from sparsemerge.checkpoint import meta_backbone
     from sparsemerge.formats.merged import ShardPlan, TensorSpec, write_shards
-    from sparsemerge.merge.stream import meta_backbone
     from sparsemerge.models import demo_base_path
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
@@ -198,8 +198,8 @@ print(json.dumps({{"rss_start_kb": rss0, "peak_until_write_kb": peak_before,
 
 
 def stream_memory(layers: int, counts: list[int], tmp: Path) -> dict:
+    from sparsemerge.checkpoint import BaseCheckpoint
     from sparsemerge.formats.adapter_file import save_adapter
-    from sparsemerge.merge.stream import BaseCheckpoint
 
     t0 = time.perf_counter()
     base = make_synthetic(tmp / "synthetic", layers)

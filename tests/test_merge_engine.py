@@ -17,12 +17,13 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from sparsemerge.adapter import Head, LowRank, SparseAdapter, SparseTensor, TargetDelta
+from sparsemerge.checkpoint import BaseCheckpoint
 from sparsemerge.errors import BaseMismatchError, FormatError, SparseMergeError
 from sparsemerge.formats.adapter_file import load_adapter, save_adapter
 from sparsemerge.formats.merged import INDEX_NAME, parse_size, read_merged
 from sparsemerge.merge.engine import file_sha256, merge_adapters
 from sparsemerge.merge.recipe import build_recipe, load_recipe, run_recipe
-from sparsemerge.merge.stream import BaseCheckpoint, save_merged_model
+from sparsemerge.merge.stream import save_merged_model
 from sparsemerge.models import base_info, default_targets
 from sparsemerge.multihead import MultiHeadModel, evaluate_merged, predict_merged
 

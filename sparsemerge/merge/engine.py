@@ -134,7 +134,7 @@ def check_bases(adapters: Sequence[SparseAdapter]) -> BaseInfo:
                 o.tensor_hashes or b.tensor_hashes) else set(adapters[j].targets) == set(a.targets)
             if same_set and o.fingerprint and b.fingerprint and o.fingerprint != b.fingerprint:
                 raise refuse("the fingerprints of the same base tensors differ")
-    from sparsemerge.merge.stream import fingerprint_of
+    from sparsemerge.checkpoint import fingerprint_of
 
     first = adapters[0].base
     hashes = {n: h for n, (h, _) in seen.items()}

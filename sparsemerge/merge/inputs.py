@@ -176,7 +176,7 @@ def _strip(module: str, prefix: str, names: set[str], suffix: str = ".weight") -
 
 def load_peft_lora(path: Path, base: str | Path | None = None, *, task: str | None = None,
                    gguf_file: str | None = None, source: str | None = None) -> SparseAdapter:
-    from sparsemerge.merge.stream import BaseCheckpoint
+    from sparsemerge.checkpoint import BaseCheckpoint
 
     cfg_file = path / PEFT_CONFIG
     cfg = json.loads(cfg_file.read_text())
@@ -298,7 +298,7 @@ def load_full_finetune(path: Path, base: str | Path | None = None, density: floa
                        sparsify: str = "magnitude", seed: int = 0, task: str | None = None,
                        gguf_file: str | None = None, source: str | None = None
                        ) -> SparseAdapter:
-    from sparsemerge.merge.stream import BaseCheckpoint
+    from sparsemerge.checkpoint import BaseCheckpoint
 
     if not 0.0 < density <= 1.0:
         raise SparseMergeError(f"--input-density must be in (0, 1], got {density}")
@@ -356,8 +356,8 @@ def load_merged_model(path: Path, base: str | Path | None = None, *,
     """A merged multi-head directory back as a merged adapter: Δ = θ − θ0 exactly (every
     entry that differs from the base, on every floating-point backbone tensor) plus its heads.
     The base defaults to the one its recipe names."""
+    from sparsemerge.checkpoint import BaseCheckpoint
     from sparsemerge.formats.merged import read_merged
-    from sparsemerge.merge.stream import BaseCheckpoint
     from sparsemerge.models import DEMO_BASE_ID
 
     files = read_merged(path)

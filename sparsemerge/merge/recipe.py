@@ -339,7 +339,7 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
 
 def _check_base_now(merged, base: str, gguf: str | None, force: bool) -> None:
     """With an explicit --base and no --heads, verify the merged deltas fit it."""
-    from sparsemerge.merge.stream import BaseCheckpoint, check_targets
+    from sparsemerge.checkpoint import BaseCheckpoint, check_targets
     from sparsemerge.models import check_base
 
     ckpt = BaseCheckpoint(base, gguf)
