@@ -1,40 +1,26 @@
-"""Fuzzing the readers: a short run of bench/fuzz_reader.py plus hypothesis-driven mutations.
+"""Fuzzing the readers: a short run of the reader fuzzer plus hypothesis-driven mutations.
 
 Every mutated file must either load as an adapter whose invariants an independent checker
 confirms (and that survives save + load unchanged), or raise FormatError naming the file.
-The full run (10,000+ cases per target) is ``python bench/fuzz_reader.py``.
+The corpus, mutators and harness are :mod:`sparsemerge._testing.fuzz`; the full run
+(10,000+ cases per target) is ``python bench/fuzz_reader.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsemerge._testing import fuzz as fz
 from sparsemerge.errors import FormatError
 from sparsemerge.formats import codecs
+from sparsemerge.formats.adapter_file import load_adapter
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "fuzz_reader.py"
-
-
-def _load_fuzz_module():
-    if "fuzz_reader" in sys.modules:
-        return sys.modules["fuzz_reader"]
-    spec = importlib.util.spec_from_file_location("fuzz_reader", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_reader"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fz = _load_fuzz_module()
 OK = ("loaded_identical", "loaded_changed", "rejected_clean")
 HYP = settings(max_examples=60, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -216,8 +202,6 @@ def test_hypothesis_elias_fano_blob_exact(adapter_runner, data):
 
 @pytest.fixture(scope="module")
 def merged_runner(tmp_path_factory):
-    if "merged" not in fz.TARGETS:
-        pytest.skip("this sparsemerge has no merged-model reader")
     tmp = tmp_path_factory.mktemp("fuzz-merged")
     target = fz.TARGETS["merged"]
     corpus = target.build(tmp / "corpus")
@@ -362,7 +346,7 @@ def test_reader_regressions(adapter_runner, case):
     f = adapter_runner.workdir / "regression.safetensors"
     f.write_bytes(doc.to_bytes())
     with pytest.raises(FormatError) as err:
-        fz.load_adapter(f)
+        load_adapter(f)
     msg = str(err.value)
     assert str(f) in msg and needle in msg
     msg.encode("utf-8")  # printable: no lone surrogates in the message
@@ -371,4 +355,4 @@ def test_reader_regressions(adapter_runner, case):
 def test_reader_unreadable_path_is_format_error(tmp_path):
     (tmp_path / "ad" / "adapter.safetensors").mkdir(parents=True)  # a directory, not a file
     with pytest.raises(FormatError, match="cannot read"):
-        fz.load_adapter(tmp_path / "ad")
+        load_adapter(tmp_path / "ad")
