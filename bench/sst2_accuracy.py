@@ -63,7 +63,7 @@ def main() -> None:
             max_train_examples=args.max_train_examples, save_dtype="fp32",
             output=f"{args.out}/{name}" if args.out and spec["method"] == "sparta" else None)
         t0 = time.perf_counter()
-        run = setup(config, method=method_for(spec["method"], config))
+        run = setup(config, method=method_for(spec["method"], config.sparse()))
         if args.estimate:
             from sparsemerge.data.batching import batches
 

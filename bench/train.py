@@ -79,7 +79,7 @@ def worker(name: str, steps: int, warmup: int, threads: int, clock: str,
                          text_column="sentence", label_column="label",
                          max_train_examples=n, batch_size=BATCH, max_length=TOKENS, quiet=True,
                          seed=0, **spec)
-    run = setup(config, method=method_for(method, config))
+    run = setup(config, method=method_for(method, config.sparse()))
     rows = [run.tokenizer.decode(ids, skip_special_tokens=True)
             for ids in run.train_data["input_ids"]]
     labels = run.train_data["labels"]

@@ -27,8 +27,13 @@ _EXPORTS = {
     "apply": "sparsemerge.apply",
     "materialize": "sparsemerge.apply",
     "MultiHeadModel": "sparsemerge.multihead",
+    "AdapterSwitcher": "sparsemerge.switcher",
     "merge_adapters": "sparsemerge.merge.engine",
     "push_adapter": "sparsemerge.hub",
+    "SparseConfig": "sparsemerge.train.config",
+    "SparseModel": "sparsemerge.train.sparse_model",
+    "get_sparse_model": "sparsemerge.train.sparse_model",
+    "SparseCallback": "sparsemerge.train.callbacks",
 }
 
 

@@ -10,15 +10,17 @@ where ``dW`` is one of
 - a seeded dense init with ``values`` overriding it at ``indices`` (RIGSA with reset=init),
 - ``scale * B @ A`` with sparse factors B (out x r) and A (r x in) (Partial-LoRA, LoRA).
 
-Heads are dense and never merged. Nothing here touches files or models.
+Heads are dense and never merged. Nothing here touches files or models, and importing this
+module does not import torch (the adapter file reader uses these classes without it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -47,7 +49,11 @@ class SparseTensor:
     def nnz(self) -> int:
         return int(self.indices.numel())
 
-    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor (``dtype`` default fp32)."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         out = torch.zeros(self.numel, dtype=dtype)
         out[self.indices] = self.values.to(dtype)
         return out.view(self.shape)
@@ -55,6 +61,8 @@ class SparseTensor:
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> SparseTensor:
         """Keep the non-zero entries of a dense tensor."""
+        import torch
+
         flat = dense.reshape(-1)
         idx = torch.nonzero(flat, as_tuple=False).reshape(-1)
         return cls(tuple(dense.shape), idx, flat[idx].clone())
@@ -93,6 +101,8 @@ class TargetDelta:
 
     def dense_delta(self, name: str) -> torch.Tensor:
         """The effective change ``gate * dW`` as a dense fp32 tensor (``name`` keys the init)."""
+        import torch
+
         from sparsemerge.masks import seeded_uniform
 
         numel = 1

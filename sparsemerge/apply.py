@@ -44,13 +44,15 @@ def _madvise():
     return fn
 
 
-def _prefault_for_write(weight: torch.Tensor) -> None:
+def prefault_for_write(weight: torch.Tensor) -> None:
     """Fault in ``weight``'s pages for writing in one kernel call (best effort).
 
     transformers and safetensors map the base file lazily (copy-on-write). A sparse write
     touches nearly every page (0.5 % density is ~5 entries per 4 KiB page), and taking those
     copy-on-write faults one trap at a time cost 2.7x more than this batched populate on
-    MiniLM (46 ms vs 17 ms, bench/format.py). On resident memory it is a cheap no-op.
+    MiniLM (46 ms vs 17 ms, bench/format.py). On resident memory it is a no-op, but not a
+    free one (~60 us per MiniLM target): ``AdapterSwitcher`` calls it once per base tensor and
+    skips it on every switch.
     """
     madvise = _madvise()
     if madvise is None or weight.device.type != "cpu" or weight.numel() == 0:
@@ -61,7 +63,8 @@ def _prefault_for_write(weight: torch.Tensor) -> None:
             _MADV_POPULATE_WRITE)  # an error (old kernel, odd mapping) just means no prefault
 
 
-def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
+def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str, *,
+               prefault: bool = True) -> _Saved:
     """Write ``weight + delta`` into ``weight`` (computed in fp32, on the weight's device);
     return what undoes it.
 
@@ -70,7 +73,8 @@ def add_delta_(weight: torch.Tensor, target: TargetDelta, name: str) -> _Saved:
     """
     if target.init is None and target.lowrank is None and target.sparse is not None:
         flat = weight.view(-1)
-        _prefault_for_write(flat)
+        if prefault:
+            prefault_for_write(flat)
         idx = target.sparse.indices.to(weight.device)
         original = flat.index_select(0, idx)
         delta = target.sparse.values.to(weight.device, torch.float32)
@@ -123,6 +127,14 @@ def apply_to_tensors(tensors: Mapping[str, torch.Tensor], adapter: SparseAdapter
                      found_id: str = "the given tensors", force: bool = False) -> AppliedAdapter:
     """Apply the adapter's deltas to base tensors named as in the backbone's state dict."""
     check_base(adapter.base, tensors, list(adapter.targets), found_id=found_id, force=force)
+    return add_deltas(tensors, adapter)
+
+
+def add_deltas(tensors: Mapping[str, torch.Tensor], adapter: SparseAdapter, *,
+               prefault: bool = True) -> AppliedAdapter:
+    """Apply the adapter's deltas without checking the base fingerprint (which hashes every
+    target tensor): for a caller that checked this base once already and switches often
+    (and, with ``prefault=False``, made the targets resident for writing already)."""
     handle = AppliedAdapter(None, None)
     with torch.no_grad():
         for name, target in adapter.targets.items():
@@ -131,7 +143,7 @@ def apply_to_tensors(tensors: Mapping[str, torch.Tensor], adapter: SparseAdapter
                 handle.undo()
                 raise SparseMergeError(f"tensor {name}: the base has shape "
                                        f"{tuple(weight.shape)}, the adapter {target.shape}")
-            handle.saved.append(add_delta_(weight.data, target, name))
+            handle.saved.append(add_delta_(weight.data, target, name, prefault=prefault))
     return handle
 
 
@@ -172,19 +184,26 @@ def materialize(adapter: SparseAdapter, base: str | Path | None, out: str | Path
     """Save base + adapter as a standard HF model directory that transformers loads alone.
 
     With a head, the directory holds a sequence-classification model (config.id2label set);
-    without, the bare backbone.
+    without, the bare backbone. ``base=None`` is the base the adapter was trained on.
     """
     from sparsemerge.formats.atomic import atomic_directory
-    from sparsemerge.models import load_backbone, load_task_model, load_tokenizer
+    from sparsemerge.models import (
+        adapter_base,
+        load_backbone,
+        load_task_model,
+        load_tokenizer,
+        resolve_pad_token_id,
+    )
 
     chosen = pick_head(adapter, task)
+    base, gguf_file = adapter_base(adapter, None if base is None else str(base), gguf_file)
     tok = load_tokenizer(base, gguf_file)
     if chosen is None:
         model = load_backbone(base, gguf_file)
     else:
         model = load_task_model(base, chosen[1].labels, gguf_file=gguf_file,
                                 problem_type=chosen[1].problem_type,
-                                pad_token_id=tok.pad_token_id)
+                                pad_token_id=resolve_pad_token_id(tok))
     apply(model, adapter, task=chosen[0] if chosen else None, force=force)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)

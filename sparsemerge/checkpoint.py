@@ -18,6 +18,7 @@ with what an adapter recorded, before anything is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,8 +36,8 @@ from sparsemerge.errors import BaseMismatchError, SparseMergeError
 from sparsemerge.formats.merged import INDEX_NAME, SINGLE_WEIGHTS, ST_DTYPES
 from sparsemerge.models import quiet_transformers, resolve_base, tensor_hash
 
-__all__ = ["BaseCheckpoint", "StoredTensor", "check_targets", "fingerprint_of", "load_config",
-           "meta_backbone", "mismatch_message", "read_safetensors_header"]
+__all__ = ["BaseCheckpoint", "StoredTensor", "check_targets", "fingerprint_of", "gguf_rows",
+           "load_config", "meta_backbone", "mismatch_message", "read_safetensors_header"]
 
 
 def load_config(base: str | Path | None, gguf_file: str | None = None):
@@ -236,12 +237,59 @@ class BaseCheckpoint:
                     os.posix_fadvise(f.fileno(), st.start, st.nbytes, os.POSIX_FADV_DONTNEED)
         return t
 
-    def backbone_model(self) -> nn.Module:
-        """The backbone loaded whole (fallback path; cached)."""
+    def read_rows(self, st: StoredTensor, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of a stored 2-D tensor, each with one positioned read of its bytes
+        (a few LM-head rows of a 7B base read a few kilobytes, not the whole matrix)."""
+        if len(st.shape) != 2:
+            raise SparseMergeError(f"{st.file}: tensor {st.key} has shape {st.shape}, not 2-D")
+        n, width = st.shape
+        if any(not 0 <= r < n for r in rows):
+            raise SparseMergeError(f"{st.file}: tensor {st.key} has {n} rows; asked for {rows}")
+        row = st.nbytes // n
+        return torch.stack([self.read(dataclasses.replace(st, shape=(width,), nbytes=row,
+                                                          start=st.start + r * row))
+                            for r in rows])
+
+    def lm_head_rows(self, ids: list[int]) -> torch.Tensor:
+        """Rows ``ids`` of the base's own (untied) language-model head, as stored, read from
+        the checkpoint alone: a safetensors slice, or the GGUF ``output.weight`` tensor."""
+        if self.gguf_file is not None:
+            return gguf_rows(self._gguf_path(), "output.weight", ids)
+        key = self._lm_head_key()
+        st = self.extra.get(key)
+        if st is None:
+            how = self.reason or f"no tensor {key} in its safetensors files"
+            raise SparseMergeError(f"--label-tokens: cannot read the LM head of {self.path} "
+                                   f"({how}); label-token heads need a safetensors or GGUF "
+                                   "base")
+        return self.read_rows(st, ids)
+
+    def _lm_head_key(self) -> str:
+        """The checkpoint key of the LM head's weight, from a causal LM built on ``meta``."""
+        from transformers import AutoModelForCausalLM
+
+        with quiet_transformers(), torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(self.config)
+        head = lm.get_output_embeddings()
+        for name, mod in lm.named_modules():
+            if mod is head:
+                return f"{name}.weight"
+        raise SparseMergeError(f"--label-tokens: {type(lm).__name__} has no LM head")
+
+    def _gguf_path(self) -> Path:
+        local = Path(self.path) / self.gguf_file
+        if local.is_file():
+            return local
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.path, self.gguf_file))
+
+    def backbone_model(self, dtype: str | torch.dtype = "auto") -> nn.Module:
+        """The backbone loaded whole, in ``dtype`` the first time (fallback path; cached)."""
         if self._model is None:
             from sparsemerge.models import load_backbone
 
-            self._model = load_backbone(self.path, self.gguf_file)
+            self._model = load_backbone(self.path, self.gguf_file, dtype=dtype)
         return self._model
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -287,6 +335,25 @@ class BaseCheckpoint:
             f.close()
         self._handles.clear()
         self._model = None
+
+
+def gguf_rows(file: Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the GGUF tensor ``name``, dequantised to fp32. The reader maps the
+    file; only the selected rows' blocks are dequantised (and so read)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(file)
+    found = next((t for t in reader.tensors if t.name == name), None)
+    if found is None:
+        raise SparseMergeError(f"{file}: no tensor {name} (a GGUF with tied embeddings keeps "
+                               "no separate LM head)")
+    data = found.data.reshape(int(found.shape[-1]), -1)  # one row per vocabulary entry
+    if any(not 0 <= r < data.shape[0] for r in rows):
+        raise SparseMergeError(f"{file}: tensor {name} has {data.shape[0]} rows; asked for "
+                               f"{rows}")
+    out = dequantize(data[rows], found.tensor_type)
+    return torch.from_numpy(out.astype("float32")).reshape(len(rows), -1)
 
 
 def fingerprint_of(hashes: Mapping[str, str]) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class SparseMergeError(Exception):
     """Anything wrong with user input: files, tensors, data rows, bases, options.
@@ -24,3 +27,14 @@ class DataError(SparseMergeError):
 
 class HubError(SparseMergeError):
     """A Hub operation failed (auth, missing repo/revision, offline cache miss)."""
+
+
+def import_extra(module: str, extra: str, needed_for: str) -> ModuleType:
+    """Import an optional dependency, or raise :class:`SparseMergeError` naming the extra that
+    installs it: a bare ``ModuleNotFoundError`` traceback does not say what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SparseMergeError(
+            f"{needed_for} needs {module!r}, which is not installed or does not import ({exc}): "
+            f"pip install 'sparsemerge[{extra}]'") from None

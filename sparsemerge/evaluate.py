@@ -12,8 +12,6 @@ import torch
 
 from sparsemerge.adapter import SparseAdapter
 from sparsemerge.data.tasks import TASKS
-from sparsemerge.errors import SparseMergeError
-from sparsemerge.models import adapter_base
 
 
 def trained_task(adapter: SparseAdapter) -> tuple[str | None, str | None]:
@@ -27,27 +25,18 @@ def trained_task(adapter: SparseAdapter) -> tuple[str | None, str | None]:
 
 def load_adapted(adapter: SparseAdapter | str | Path, base: str | None = None, *,
                  gguf_file: str | None = None, task: str | None = None,
-                 force: bool = False, device: str | torch.device | None = None):
+                 force: bool = False, device: str | torch.device | None = None,
+                 base_dtype: str | torch.dtype = "auto"):
     """(task model with the adapter applied, on ``device`` if given; tokenizer, adapter,
-    task name)."""
-    from sparsemerge.apply import apply, pick_head
+    task name). The base is loaded in ``base_dtype`` (``auto``: the checkpoint's) straight
+    onto ``device``."""
+    from sparsemerge.apply import apply
     from sparsemerge.formats.adapter_file import load_adapter
-    from sparsemerge.models import load_task_model, load_tokenizer, resolve_pad_token_id
+    from sparsemerge.switcher import load_base
 
     if not isinstance(adapter, SparseAdapter):
         adapter = load_adapter(adapter)
-    chosen = pick_head(adapter, task)
-    if chosen is None:
-        raise SparseMergeError("the adapter has no classification head; it cannot classify "
-                               "(merge it with --heads, or evaluate the adapters it came from)")
-    task_name, head = chosen
-    base, gguf_file = adapter_base(adapter, base, gguf_file)
-    tok = load_tokenizer(base, gguf_file)
-    model = load_task_model(base, head.labels, gguf_file=gguf_file,
-                            problem_type=head.problem_type,
-                            pad_token_id=resolve_pad_token_id(tok))
+    model, tok, task_name = load_base(adapter, base, gguf_file=gguf_file, task=task,
+                                      device=device, base_dtype=base_dtype)
     apply(model, adapter, task=task_name, force=force)
-    if device is not None:
-        model.to(device)
-    model.eval()
     return model, tok, adapter, task_name

@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING
 from sparsemerge.errors import HubError
 
 if TYPE_CHECKING:
-    from sparsemerge.adapter import SparseAdapter
     from huggingface_hub import HfApi
+
+    from sparsemerge.adapter import SparseAdapter
 
 HF_SCHEME = "hf://"
 DEFAULT_BRANCH = "main"

@@ -25,6 +25,10 @@ from sparsemerge.errors import BaseMismatchError, DataError, SparseMergeError
 HEAD_MODULES = ("classifier", "score", "classification_head")
 FINGERPRINT_SAMPLES = 64
 DEMO_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# ``--base-dtype`` choices: the dtype the base weights are loaded in ("auto": the checkpoint's).
+BASE_DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+}
 
 
 def demo_base_path() -> Path:
@@ -93,24 +97,49 @@ def load_tokenizer(base: str | Path | None, gguf_file: str | None = None):
     return tok
 
 
+def load_kwargs(dtype: str | torch.dtype = "auto",
+                device: str | torch.device | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keywords that build the model in ``dtype`` directly on ``device``.
+
+    ``dtype``: ``auto`` (the checkpoint's own dtype, transformers' ``dtype="auto"``), a name
+    from :data:`BASE_DTYPES` or a torch dtype. With a ``device`` the weights are read straight
+    onto it (``device_map``); transformers builds the model on the meta device and loads each
+    tensor once, in its final dtype, so no full-size fp32 copy ever exists in host memory.
+    """
+    if isinstance(dtype, str):
+        if dtype not in BASE_DTYPES:
+            raise SparseMergeError(f"--base-dtype: must be one of {', '.join(BASE_DTYPES)}, "
+                                   f"got {dtype!r}")
+        dtype = BASE_DTYPES[dtype]
+    kw: dict[str, Any] = {"dtype": dtype}
+    if device is not None:
+        kw["device_map"] = {"": torch.device(device)}
+    return kw
+
+
 def load_backbone(base: str | Path | None, gguf_file: str | None = None,
-                  dtype: torch.dtype = torch.float32) -> nn.Module:
+                  dtype: str | torch.dtype = "auto",
+                  device: str | torch.device | None = None) -> nn.Module:
+    """The bare backbone (``AutoModel``); ``dtype`` and ``device`` as in :func:`load_kwargs`."""
     from transformers import AutoModel
 
-    return _from_pretrained(AutoModel, base, gguf_file, dtype=dtype)
+    return _from_pretrained(AutoModel, base, gguf_file, **load_kwargs(dtype, device))
 
 
 def load_task_model(base: str | Path | None, labels: list[str], *, gguf_file: str | None = None,
                     problem_type: str = "single_label_classification",
-                    dtype: torch.dtype = torch.float32, pad_token_id: int | None = None):
-    """A sequence-classification model with a head for ``labels``."""
+                    dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                    pad_token_id: int | None = None):
+    """A sequence-classification model with a head for ``labels``; ``dtype`` and ``device``
+    as in :func:`load_kwargs` (the new head is created in the same dtype)."""
     from transformers import AutoModelForSequenceClassification
 
     kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
           "label2id": {n: i for i, n in enumerate(labels)}, "problem_type": problem_type}
     if pad_token_id is not None:
         kw["pad_token_id"] = pad_token_id
-    return _from_pretrained(AutoModelForSequenceClassification, base, gguf_file, dtype=dtype, **kw)
+    return _from_pretrained(AutoModelForSequenceClassification, base, gguf_file,
+                            **load_kwargs(dtype, device), **kw)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -147,13 +176,16 @@ def default_targets(backbone: nn.Module, pattern: str | None = None) -> list[str
 def tensor_hash(name: str, tensor: torch.Tensor) -> str:
     """Hash of a tensor's name, shape and 64 evenly spaced values rounded to bf16.
 
-    Rounding to bf16 makes the hash the same whether the base is loaded in fp32 or bf16.
+    bf16 is the canonical dtype: an fp32 value rounds to the same bf16 value whether it is
+    rounded here or when the base is loaded in bf16, so fp32 and bf16 loads of one checkpoint
+    hash alike (an fp16 load of an fp32 checkpoint rounds twice and may not). Only the 64
+    samples leave the tensor's device, so this works on CUDA models too.
     """
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     k = min(FINGERPRINT_SAMPLES, n)
-    pos = torch.arange(k, dtype=torch.long) * n // k
-    sample = flat[pos].to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy()
+    pos = torch.arange(k, dtype=torch.long, device=flat.device) * n // k
+    sample = flat[pos].to(torch.float32).to(torch.bfloat16).cpu().view(torch.int16).numpy()
     h = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|".encode())
     h.update(sample.astype("<i2").tobytes())
     return h.hexdigest()[:16]

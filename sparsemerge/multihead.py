@@ -209,7 +209,7 @@ class MultiHeadModel(nn.Module):
 def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | Path | None = None,
               split: str = "dev", text_column: str | None = None,
               text_pair_column: str | None = None, label_column: str | None = None,
-              skip_bad_rows: bool = False):
+              skip_bad_rows: bool = False, has_header: bool = True):
     """The labelled data a head ``task`` is scored on, with label ids indexing ``labels``.
 
     ``source`` is one of:
@@ -256,7 +256,7 @@ def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | 
                           file_format=spec.file_format, skip_bad_rows=skip_bad_rows)
     return read_table(path, text_column=text_column or "text", text_pair_column=text_pair_column,
                       label_column=label_column or "label", labels=labels,
-                      skip_bad_rows=skip_bad_rows)
+                      skip_bad_rows=skip_bad_rows, has_header=has_header)
 
 
 def predict_merged(path: str | Path, texts: Sequence[str], pairs: Sequence[str] | None = None,

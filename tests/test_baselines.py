@@ -18,6 +18,7 @@ import sparsemerge.train.loop as loop
 from sparsemerge import masks
 from sparsemerge.evaluate import load_adapted
 from sparsemerge.formats.adapter_file import read_adapter
+from sparsemerge.models import backbone_of
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.methods import baselines, get_method, partial_lora
 
@@ -59,7 +60,7 @@ def toy_csv(tmp_path_factory):
 def _config(base, csv, method, **kw) -> TrainConfig:
     args = dict(base=str(base), train_file=str(csv), eval_file=str(csv), text_column="text",
                 label_column="label", batch_size=16, quiet=True, method=method,
-                lr=LR.get(method, 1e-2), warmup_ratio=0.0)
+                lr=LR.get(method, 1e-2), warmup_ratio=0.0, device="cpu")
     args.update(kw)
     return TrainConfig(**args)
 
@@ -142,7 +143,7 @@ def test_full_stores_dense_or_magnitude_sparse_delta(store, learnable_bert_dir, 
                                                      tmp_path):
     run, result = _trained(learnable_bert_dir, toy_csv, "full", tmp_path,
                            method_params={"store": store}, density=0.05)
-    backbone = loop.backbone_of(run.model)
+    backbone = backbone_of(run.model)
     embeddings = {n for n, _ in backbone.named_parameters() if "embeddings" in n
                   and "LayerNorm" not in n}
     adapter, storage, _ = read_adapter(result.output)

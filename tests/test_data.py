@@ -363,26 +363,35 @@ def _data(texts, pairs=None, labels=None):
                        ["a", "b"], "mem")
 
 
-def test_encode_drops_long_examples(tokenizer):
+def test_encode_truncates_or_drops_long_examples(tokenizer):
     texts = ["short one", "word " * 40, "another short text", "x " * 100]
-    enc, dropped = encode(_data(texts), tokenizer, max_length=16)
-    assert dropped == 2
-    assert enc["index"] == [0, 2] and enc["labels"] == [0, 0]
-    assert all(len(ids) <= 16 for ids in enc["input_ids"])
-    assert enc["input_ids"][0][0] == tokenizer.cls_token_id
-    assert set(enc) >= {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    enc2, dropped2 = encode(_data(texts), tokenizer, max_length=16, drop_long=False)
-    assert dropped2 == 0 and enc2["index"] == [0, 1, 2, 3]
-    assert [len(x) for x in enc2["input_ids"]][1] == 16
-    assert enc2["input_ids"][1][-1] == tokenizer.sep_token_id
+    enc, long = encode(_data(texts), tokenizer, max_length=16)  # default: truncate, count
+    assert long == (2, 0) and long.truncated == 2 and enc["index"] == [0, 1, 2, 3]
+    assert [len(x) for x in enc["input_ids"]][1] == 16
+    assert enc["input_ids"][1][-1] == tokenizer.sep_token_id
+    enc2, long2 = encode(_data(texts), tokenizer, max_length=16, drop_long=True)
+    assert long2 == (0, 2) and long2.dropped == 2
+    assert enc2["index"] == [0, 2] and enc2["labels"] == [0, 0]
+    assert all(len(ids) <= 16 for ids in enc2["input_ids"])
+    assert enc2["input_ids"][0][0] == tokenizer.cls_token_id
+    assert set(enc2) >= {"input_ids", "attention_mask", "token_type_ids", "labels"}
     with pytest.raises(DataError, match="every example is longer"):
-        encode(_data(["word " * 40]), tokenizer, max_length=8)
+        encode(_data(["word " * 40]), tokenizer, max_length=8, drop_long=True)
+
+
+def test_encode_keep_end_truncates_the_start(tokenizer):
+    enc, long = encode(_data(["one two three four five six"]), tokenizer, 5, keep_end=True)
+    assert long.truncated == 1
+    assert tokenizer.convert_ids_to_tokens(enc["input_ids"][0]) == [
+        "[CLS]", "four", "five", "six", "[SEP]"]  # special tokens kept
+    assert tokenizer.truncation_side == "right"  # restored
 
 
 def test_encode_exact_length_is_kept(tokenizer):
     n = len(tokenizer("hello world")["input_ids"])
-    enc, dropped = encode(_data(["hello world", "hello world again"]), tokenizer, max_length=n)
-    assert dropped == 1 and enc["index"] == [0] and len(enc["input_ids"][0]) == n
+    enc, long = encode(_data(["hello world", "hello world again"]), tokenizer, max_length=n,
+                       drop_long=True)
+    assert long.dropped == 1 and enc["index"] == [0] and len(enc["input_ids"][0]) == n
 
 
 def test_encode_pairs(tokenizer):
@@ -394,8 +403,8 @@ def test_encode_pairs(tokenizer):
 @needs_shared
 def test_encode_real_sst2_dev(tokenizer):
     d = load_task("sst2", SHARED, "dev")
-    enc, dropped = encode(d, tokenizer, 64)
-    assert len(enc["labels"]) + dropped == 872 and dropped < 20
+    enc, long = encode(d, tokenizer, 64)
+    assert len(enc["labels"]) == 872 and long.truncated < 20 and long.dropped == 0
 
 
 class _DecoderTok:

@@ -150,3 +150,19 @@ def test_inspect_and_overlap(trained):
     assert f"{s['intersection']:,} shared of {s['union']:,}" in r.stdout
     # shared entries are stored once in the merge
     assert report["merged_entries"] == s["union"] < report["summed_entries"]
+
+
+def test_trainer(tiny_bert_dir, tmp_path):
+    """``trainer.py``: a transformers Trainer through get_sparse_model; the CLI reads its
+    adapter."""
+    out = tmp_path / "adapter"
+    summary = last_json(run(EXAMPLES / "trainer.py", "--base", tiny_bert_dir, "--data-dir",
+                            glue_dir(tmp_path / "glue"), "--out", out, "--max-steps", 2,
+                            "--json"))
+    assert summary["adapter"] == str(out) and summary["steps"] == 2
+    adapter = load_adapter(out)
+    assert adapter.method == "sparta" and adapter.tasks == ["sst2"]
+    assert adapter.heads["sst2"].labels == ["negative", "positive"]
+    assert adapter.metrics["accuracy"] == summary["dev_accuracy"]
+    r = CliRunner().invoke(app, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "sparta"

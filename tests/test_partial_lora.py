@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import sparsemerge.train.loop as loop
 from sparsemerge import masks
-from sparsemerge.adapter import BaseInfo, SparseAdapter, SparseTensor, TargetDelta
+from sparsemerge.adapter import BaseInfo, SeededInit, SparseAdapter, SparseTensor, TargetDelta
 from sparsemerge.data.batching import batches
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.evaluate import load_adapted
@@ -38,7 +38,7 @@ def toy_csv(tmp_path_factory):
 def _config(base, csv, **kw) -> TrainConfig:
     args = dict(base=str(base), train_file=str(csv), eval_file=str(csv), text_column="text",
                 label_column="label", batch_size=8, quiet=True, method="partial-lora",
-                lr=2e-2, warmup_ratio=0.0)
+                lr=2e-2, warmup_ratio=0.0, device="cpu")  # run.model gets CPU tensors
     args.update(kw)
     return TrainConfig(**args)
 
@@ -233,11 +233,11 @@ def test_export_to_peft_round_trips(method, trained, tiny_bert_dir, toy_csv, tmp
                                rtol=1e-4)
 
 
-def test_export_refuses_non_lowrank_adapters(tmp_path):
+def test_export_refuses_adapters_peft_cannot_hold(tmp_path):
     st = SparseTensor((4, 4), torch.tensor([1, 5]), torch.tensor([0.1, 0.2]))
-    adapter = SparseAdapter({"w.weight": TargetDelta((4, 4), sparse=st)}, BaseInfo("x"),
-                            method="sparta")
-    with pytest.raises(SparseMergeError, match="not a pure low-rank"):
+    adapter = SparseAdapter({"w.weight": TargetDelta((4, 4), sparse=st, init=SeededInit(1, 0.1))},
+                            BaseInfo("x"), method="rigsa")
+    with pytest.raises(SparseMergeError, match="neither a pure low-rank"):
         export_peft(adapter, tmp_path / "out")
 
 

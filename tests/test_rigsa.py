@@ -53,6 +53,7 @@ def cfg(base: Path, data, **kw) -> TrainConfig:
     opts = dict(method="rigsa", base=str(base), train_file=str(data[0]),
                 eval_file=str(data[1]), text_column="text", label_column="label", lr=1e-2,
                 batch_size=16, max_length=32, quiet=True, warmup_ratio=0.0, max_steps=8,
+                device="cpu",
                 method_params={"rounds": 2, "round_steps": 2, **mp})
     opts.update(kw)
     return TrainConfig(**opts)
@@ -215,7 +216,7 @@ def test_saved_adapter_round_trips_and_reapplies_exactly(tiny_bert_dir, data, tm
     assert ad.extra["training"]["density"] == pytest.approx(m.density())
 
     # Apply to a fresh model: bit-identical weights to the trained model's effective ones.
-    fresh = load_task_model(tiny_bert_dir, ad.heads["train"].labels)
+    fresh = load_task_model(tiny_bert_dir, ad.heads[ad.tasks[0]].labels)
     apply(fresh, ad)
     bb = backbone_of(fresh)
     for name in ad.targets:

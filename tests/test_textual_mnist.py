@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsemerge.cli.data import app
-from sparsemerge.data.readers import read_table
+from sparsemerge.data.readers import read_lm, read_table
 from sparsemerge.data.textual_mnist import (
     LABELS,
     SPLITS,
@@ -176,6 +176,26 @@ def test_write_jsonl(small_mnist, tmp_path):
     assert first["text"] == prompt(to_text(images[0], 14))
 
 
+def test_write_jsonl_lm_formats(small_mnist, tmp_path):
+    """The generative formats read back as conversations whose answer is the digit."""
+    ip, lp, images, labels = small_mnist
+    out = tmp_path / "pr.jsonl"
+    write_jsonl(ip, lp, out, size=7, stop=3, row_format="prompt-response")
+    d = read_lm(out)
+    assert [ex.messages[-1] for ex in d] == [("assistant", str(labels[i])) for i in range(3)]
+    assert d[0].messages[0] == ("user", prompt(to_text(images[0], 7)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["textual-mnist", "--images", str(ip), "--labels", str(lp),
+                              "--format", "chat", "--stop", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "index" in json.loads(out.read_text().splitlines()[0])
+    c = read_lm(out, messages_column="messages")
+    assert c[1].messages == (("user", prompt(to_text(images[1], 14))),
+                             ("assistant", str(labels[1])))
+    with pytest.raises(DataError, match="unknown Textual MNIST format 'csv'"):
+        write_jsonl(ip, lp, out, row_format="csv")
+
+
 def test_write_jsonl_errors(small_mnist, tmp_path):
     ip, lp, _, _ = small_mnist
     out = tmp_path / "x.jsonl"
@@ -215,7 +235,7 @@ def test_cli_textual_mnist(small_mnist, tmp_path):
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info == {"rows": 12, "output": str(out), "size": 14, "start": 0, "stop": 12,
-                    "prompt": True}
+                    "prompt": True, "format": "text"}
 
 
 def test_cli_errors_exit_2(small_mnist, tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import typer
 
 from sparsemerge.cli import data
-from sparsemerge.cli.export import export
+from sparsemerge.cli.export import apply, export
 from sparsemerge.cli.hub import pull, push
 from sparsemerge.cli.inspect import inspect
 from sparsemerge.cli.merge import MergeCommand, merge, overlap
-from sparsemerge.cli.train import evaluate, predict, quickstart, train
+from sparsemerge.cli.train import TrainCommand, evaluate, predict, quickstart, train
 
 app = typer.Typer(
     name="sparsemerge",
@@ -24,11 +24,12 @@ app.command()(pull)
 app.add_typer(data.app, name="data")
 app.command(cls=MergeCommand)(merge)
 app.command()(overlap)
-app.command()(train)
+app.command(cls=TrainCommand)(train)
 app.command()(evaluate)
 app.command()(predict)
 app.command()(quickstart)
 app.command()(export)
+app.command()(apply)
 
 
 def main() -> None:

@@ -39,6 +39,12 @@ class MnistSplit(str, Enum):
     all = "all"
 
 
+class MnistFormat(str, Enum):
+    text = "text"
+    prompt_response = "prompt-response"
+    chat = "chat"
+
+
 @app.command("textual-mnist")
 def textual_mnist(
     images: Annotated[Path, typer.Option("--images", help="MNIST idx3 image file (.gz ok).")],
@@ -52,8 +58,13 @@ def textual_mnist(
         "--split", help="Convention for the 10k t10k file: train = images 0-7999, "
                         "eval = 8000-9999. Not together with --start/--stop.")] = None,
     use_prompt: Annotated[bool, typer.Option(
-        "--prompt/--no-prompt", help="Wrap each image in an instruction for chat models.")
+        "--prompt/--no-prompt", help="Wrap each image in an instruction for chat models "
+                                     "(the text format; the others always are).")
     ] = False,
+    row_format: Annotated[MnistFormat, typer.Option(
+        "--format", help="text: {text, label} rows for classification; prompt-response: "
+                         "{prompt, response} rows, or chat: {messages} rows, for the causal-LM "
+                         "objective (the answer is the digit).")] = MnistFormat.text,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Write MNIST images as text (one digit 0-9 per pixel), one JSON object per line."""
@@ -66,11 +77,11 @@ def textual_mnist(
             start, stop = SPLITS[split.value]
         start = 0 if start is None else start
         n = write_jsonl(images, labels, output, size=size, start=start, stop=stop,
-                        prompt=use_prompt)
+                        prompt=use_prompt, row_format=row_format.value)
     stop = start + n
     if json_out:
         _json({"rows": n, "output": str(output), "size": size, "start": start, "stop": stop,
-               "prompt": use_prompt})
+               "prompt": use_prompt, "format": row_format.value})
     else:
         typer.echo(f"wrote {n} rows (images {start}..{stop - 1}, {size}x{size}) to {output}")
 
@@ -98,7 +109,8 @@ def tasks(
 @app.command("check")
 def check(
     path: Annotated[Path | None, typer.Argument(
-        help="CSV / TSV / JSONL file (.gz ok). Omit when using --task.")] = None,
+        help="CSV / TSV / JSONL file (.gz ok), or a dataset: save_to_disk folder, .parquet, "
+             ".arrow. Omit when using --task.")] = None,
     task: Annotated[str | None, typer.Option("--task", help="A preset instead of a file.")
                     ] = None,
     data_dir: Annotated[Path | None, typer.Option(

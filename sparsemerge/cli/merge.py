@@ -48,6 +48,8 @@ method; heads are never merged: each task keeps its own. With --heads, OUT is a 
 Hugging Face model directory for the merged backbone (the base streamed tensor by tensor
 into shards of at most --max-shard-size) plus heads/<task>/, sparsemerge_recipe.json and a
 model card; without, OUT is a merged adapter (format v1, mergeable and applicable).
+An input written NAME=PATH has its head renamed to NAME: heads are never merged, so task
+names must differ (merge --heads news=runs/a/ topics=runs/b/ -o both).
 
 Methods and their parameters (-p NAME=VALUE; --density and --lambda are shortcuts):
 
@@ -56,7 +58,9 @@ Methods and their parameters (-p NAME=VALUE; --density and --lambda are shortcut
 
 def merge(
     inputs: Annotated[list[str] | None, typer.Argument(
-        help="Adapters to merge (two or more; optional with --config).",
+        help="Adapters to merge (two or more; optional with --config). NAME=PATH gives "
+             "that input's head the name NAME (e.g. two adapters whose heads are both "
+             "called train).",
         show_default=False)] = None,
     output: Annotated[str | None, typer.Option(
         "-o", "--output", help="Output directory.", show_default=False)] = None,
@@ -88,6 +92,10 @@ def merge(
         "--max-shard-size", metavar="SIZE",
         help="Largest backbone shard with --heads, e.g. 2GB, 500MB, 1GiB (default 2GB).",
         show_default=False)] = None,
+    base_dtype: Annotated[str | None, typer.Option(
+        "--base-dtype", metavar="auto|bf16|fp16|fp32",
+        help="dtype of the backbone written with --heads (default auto: the base's own).",
+        show_default=False)] = None,
     input_density: Annotated[float | None, typer.Option(
         "--input-density",
         help=f"Fully fine-tuned inputs: fraction of Δ kept (default {DEFAULT_INPUT_DENSITY}).",
@@ -110,7 +118,8 @@ def merge(
         recipe = build_recipe(inputs, config=config, method=method, density=density, lam=lam,
                               weights=weights, params=param, heads=heads, base=base,
                               output=output, max_shard_size=max_shard_size,
-                              input_density=input_density, sparsify=sparsify)
+                              input_density=input_density, sparsify=sparsify,
+                              base_dtype=base_dtype)
         with _progress(enabled=not json_out) as progress:
             report = run_recipe(recipe, force=force, progress=progress)
     if json_out:

@@ -35,11 +35,22 @@ def refuse_adapter_options(path: str, **given: Any) -> None:
                                "only")
 
 
-def parse_task_specs(items: Sequence[str] | None) -> dict[str, str | None]:
-    """``["sst2=dev.tsv", "cola"]`` -> ``{"sst2": "dev.tsv", "cola": None}``."""
+def parse_task_specs(items: Sequence[str] | None, heads: Sequence[str] = ()
+                     ) -> dict[str, str | None]:
+    """``["sst2=dev.tsv", "cola"]`` -> ``{"sst2": "dev.tsv", "cola": None}``. Split at the
+    first ``=``, unless a longer prefix (or the whole item) is one of ``heads``: a head
+    may be named ``a=b`` (``--task a=b=dev.tsv``)."""
     out: dict[str, str | None] = {}
     for item in items or []:
         name, sep, source = (s.strip() for s in item.partition("="))
+        if name not in heads:
+            if item.strip() in heads:
+                name, sep, source = item.strip(), "", ""
+            else:
+                for i in range(len(item) - 1, 0, -1):  # the longest head name first
+                    if item[i] == "=" and item[:i].strip() in heads:
+                        name, sep, source = item[:i].strip(), "=", item[i + 1:].strip()
+                        break
         if not name or (sep and not source):
             raise SparseMergeError(f"--task {item!r}: write HEAD=FILE, HEAD=PRESET or HEAD")
         if name in out:
@@ -97,8 +108,8 @@ def evaluate_command(path: Path, shown: str, *, tasks: Sequence[str] | None,
     from sparsemerge.multihead import MultiHeadModel, task_data
 
     with user_errors():
-        specs = parse_task_specs(tasks)
         model = MultiHeadModel.from_pretrained(path, device=device)
+        specs = parse_task_specs(tasks, model.tasks)
         if not specs:
             if head is not None:
                 _check_heads(model, [head], shown)

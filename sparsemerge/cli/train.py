@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from sparsemerge.cli.common import console, err_console, print_json, user_errors
 from sparsemerge.cli.multihead import (
@@ -21,12 +22,13 @@ from sparsemerge.data.tasks import TASKS
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.quickstart import SHIPPED_TASKS
 from sparsemerge.train.config import TrainConfig
-from sparsemerge.train.methods import METHODS, describe_methods, params_help
 
 _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _TASKS = "|".join(TASKS)
-_METHOD_HELP = ("Training method: " + ", ".join(METHODS)
-                + ". --list-methods shows each one's paper and parameters.")
+# --method / --param help without the method list: TrainCommand adds it when help is shown
+# (the registry lives beside the methods' torch code, so importing it imports torch).
+_METHOD_HELP = "Training method; --list-methods shows each one's paper and parameters."
+_PARAM_HELP = "Method parameter key=value (repeatable), e.g. -p mask_seed=7."
 _DATA = "Data"
 _OPT = "Optimisation"
 _OUT = "Output and checkpoints"
@@ -34,6 +36,12 @@ _FORGET = "Forgetting"
 _DEV = "Devices and scale-out"
 _DEVICE_HELP = "cpu, cuda, or auto (CUDA when torch sees a GPU)."
 _EVAL_DEVICE = "cpu"  # evaluate / predict: where scores have always been computed
+_FILES = ("a CSV / TSV / JSONL file (.gz ok), or a Hugging Face dataset: a save_to_disk "
+          "folder, a .parquet or .arrow file (pip install 'sparsemerge[datasets]')")
+_NO_HEADER = ("CSV / TSV files have no header row: give columns as 0-based indexes, e.g. "
+              "--text-column 1 --label-column 0.")
+_BASE_DTYPE_HELP = ("dtype the base weights are loaded in: auto (the checkpoint's own), bf16, "
+                    "fp16 or fp32.")
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -89,8 +97,26 @@ def _metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _list_methods(value: bool) -> None:
     if value:
+        from sparsemerge.train.methods import describe_methods
+
         console.print(describe_methods(), highlight=False, markup=False)
         raise typer.Exit()
+
+
+class TrainCommand(TyperCommand):
+    """The ``train`` command, whose --method and --param help list the registered training
+    methods (:data:`sparsemerge.train.methods.METHODS`) only when the help is shown."""
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        from sparsemerge.train.methods import METHODS, params_help
+
+        full = {"method": f"Training method: {', '.join(METHODS)}. --list-methods shows each "
+                          "one's paper and parameters.",
+                "param": f"{_PARAM_HELP} {params_help()}"}
+        for p in self.params:
+            if p.name in full:
+                p.help = full[p.name]  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
 
 
 def run_training(config: TrainConfig, json_out: bool) -> dict[str, Any]:
@@ -143,11 +169,11 @@ def train(
         help="Folder holding the preset's files in their GLUE layout (e.g. holding "
              "glue/SST-2/).", rich_help_panel=_DATA)] = None,
     train_file: Annotated[str | None, typer.Option(
-        help="CSV / TSV / JSONL training file (instead of --task).",
-        rich_help_panel=_DATA)] = None,
+        "--train-file", "--dataset",
+        help=f"Training data (instead of --task): {_FILES}.", rich_help_panel=_DATA)] = None,
     eval_file: Annotated[str | None, typer.Option(
-        help="Dev file (same columns); a preset's dev split is used by default.",
-        rich_help_panel=_DATA)] = None,
+        help="Dev data (same columns, same kinds of file); a preset's dev split is used by "
+             "default.", rich_help_panel=_DATA)] = None,
     text_column: Annotated[str | None, typer.Option(help="Column holding the text.",
                                                     rich_help_panel=_DATA)] = None,
     text_pair_column: Annotated[str | None, typer.Option(
@@ -157,11 +183,17 @@ def train(
     labels: Annotated[str | None, typer.Option(
         help="Class names in id order, comma-separated (default: sorted unique labels).",
         rich_help_panel=_DATA)] = None,
+    task_name: Annotated[str | None, typer.Option(
+        help="Name of the task's head (any text without '/' or '\\'; merge --heads names "
+             "the head folders after it). Default: the preset, else the training file's name, "
+             "or its folder's for generic names such as train.tsv.",
+        rich_help_panel=_DATA)] = None,
     skip_bad_rows: Annotated[bool, typer.Option(
         help="Skip (and count) malformed rows instead of failing with file:line.",
         rich_help_panel=_DATA)] = False,
+    no_header: Annotated[bool, typer.Option(help=_NO_HEADER, rich_help_panel=_DATA)] = False,
     max_length: Annotated[int, typer.Option(
-        help="Max tokens; longer training examples are dropped (as in the SpaRTA paper).",
+        help="Max tokens; longer training examples are truncated (and counted in the log).",
         rich_help_panel=_DATA)] = _D["max_length"],
     density: Annotated[float, typer.Option(
         help="Share of each target tensor's entries that is trainable.")] = _D["density"],
@@ -169,8 +201,7 @@ def train(
         help="Regex over backbone weight names (default: every linear layer), e.g. "
              "'attention'.")] = None,
     param: Annotated[list[str] | None, typer.Option(
-        "--param", "-p", help="Method parameter key=value (repeatable), e.g. -p mask_seed=7. "
-        + params_help())] = None,
+        "--param", "-p", help=_PARAM_HELP)] = None,
     list_methods: Annotated[bool, typer.Option(
         "--list-methods", is_eager=True, callback=_list_methods,
         help="List the training methods (paper, parameters, defaults) and exit.")] = False,
@@ -202,9 +233,18 @@ def train(
         rich_help_panel=_DEV)] = _D["device"],
     dtype: Annotated[str, typer.Option(
         help="Compute dtype: fp32, or bf16 / fp16 autocast (matmuls and activations in half "
-             "precision; weights, trainable values and optimizer state stay fp32; fp16 adds "
+             "precision; trainable values and optimizer state stay fp32; fp16 adds "
              "gradient scaling). bf16 is the choice on recent GPUs.",
         rich_help_panel=_DEV)] = _D["dtype"],
+    base_dtype: Annotated[str, typer.Option(
+        help=_BASE_DTYPE_HELP + " Trainable values stay fp32 masters (docs/NUMERICS.md).",
+        rich_help_panel=_DEV)] = _D["base_dtype"],
+    grad_accum: Annotated[int, typer.Option(
+        help="Micro-batches of --batch-size per optimizer step (gradient accumulation).",
+        rich_help_panel=_OPT)] = _D["grad_accum"],
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute activations in the backward pass: less memory, ~30% more time.",
+        rich_help_panel=_DEV)] = _D["gradient_checkpointing"],
     eval_steps: Annotated[int | None, typer.Option(help="Evaluate every N steps (default: "
                                                         "each epoch).", rich_help_panel=_OPT)
                           ] = None,
@@ -256,20 +296,30 @@ def train(
 
     $ torchrun --nproc-per-node 2 -m sparsemerge.cli train --task sst2 -o sst2
     """
+    from sparsemerge.train.methods import get_method
+
     with user_errors():
+        get_method(method)  # unknown: an error listing the known methods, before any loading
         config = TrainConfig(
             method=method, method_params=_method_params(param), base=base,
             gguf_file=gguf_file, label_tokens=_split_list(label_tokens), targets=targets,
             density=density, seed=seed, task=task, data_dir=data_dir, train_file=train_file,
             eval_file=eval_file, text_column=text_column, text_pair_column=text_pair_column,
-            label_column=label_column, labels=_split_list(labels), skip_bad_rows=skip_bad_rows,
+            label_column=label_column, labels=_split_list(labels), task_name=task_name,
+            skip_bad_rows=skip_bad_rows, no_header=no_header,
             max_length=max_length, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, impl=impl, device=device, dtype=dtype,
+            base_dtype=base_dtype, grad_accum=grad_accum,
+            gradient_checkpointing=gradient_checkpointing,
             eval_steps=eval_steps, patience=patience,
             output=str(output), save_dtype=save_dtype, checkpoint_steps=checkpoint_steps,
             checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet or json_out,
         )
+        if task is None and task_name is None and not json_out:
+            name, how = config.head_name()
+            err_console.print(f"task name: {name} (from {how}; choose another with "
+                              "--task-name)", markup=False, highlight=False)
         run_training(config, json_out)
 
 
@@ -304,9 +354,11 @@ def _forgetting(adapter: str, alongside: str | None, *, json_out: bool, **kw: An
 
 
 def evaluate(
-    adapter: Annotated[str, typer.Argument(
-        help="Adapter directory, merged multi-head model directory (merge --heads), or "
-             "hf://owner/name.")],
+    adapters: Annotated[list[str], typer.Argument(
+        metavar="ADAPTER...",
+        help="Adapter directories or hf://owner/name (several: the base is loaded once and "
+             "the adapters are switched on it), or one merged multi-head model directory "
+             "(merge --heads).")],
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter "
                                                   "was trained on).")] = None,
     gguf_file: Annotated[str | None, typer.Option(help="A .gguf file inside --base.")] = None,
@@ -318,8 +370,9 @@ def evaluate(
                                                  rich_help_panel=_DATA)] = None,
     split: Annotated[str, typer.Option(help="Preset split: dev or train.",
                                        rich_help_panel=_DATA)] = "dev",
-    data: Annotated[str | None, typer.Option(help="CSV / TSV / JSONL file to evaluate on.",
-                                             rich_help_panel=_DATA)] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", "--dataset", help=f"Data to evaluate on: {_FILES}.",
+        rich_help_panel=_DATA)] = None,
     text_column: Annotated[str | None, typer.Option(rich_help_panel=_DATA,
                                                     help="Text column of --data.")] = None,
     text_pair_column: Annotated[str | None, typer.Option(
@@ -328,12 +381,14 @@ def evaluate(
                                                      help="Label column of --data.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed rows.",
                                                 rich_help_panel=_DATA)] = False,
+    no_header: Annotated[bool, typer.Option(help=_NO_HEADER, rich_help_panel=_DATA)] = False,
     head: Annotated[str | None, typer.Option(
         help="Which head of a multi-task adapter; of a merged model, the only one scored.")
                     ] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longer examples are truncated.")] = 512,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = _EVAL_DEVICE,
+    base_dtype: Annotated[str, typer.Option(help=_BASE_DTYPE_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
                      ] = False,
     forgetting: Annotated[bool, typer.Option(
@@ -353,7 +408,9 @@ def evaluate(
     preset task it was trained on, a merged multi-head model on the dev
     split of each head named after a preset (sst2, cola, ...). With
     --forgetting it measures what the base could do before and after
-    adaptation instead (see sparsemerge.forgetting).
+    adaptation instead (see sparsemerge.forgetting). Several adapters
+    are scored one after another on one loaded base, switched in O(nnz)
+    (--json then prints a list, one object per adapter).
 
     A merged model takes --task once per head: HEAD=FILE scores that
     head on a CSV / TSV / JSONL file (read in the preset's GLUE layout
@@ -365,6 +422,8 @@ def evaluate(
     Examples:
 
     $ sparsemerge evaluate sst2
+
+    $ sparsemerge evaluate sst2-a sst2-b sst2-c --task sst2
 
     $ sparsemerge evaluate merged --task sst2=dev.tsv --task cola=cola_dev.tsv
 
@@ -379,72 +438,119 @@ def evaluate(
 
     $ sparsemerge evaluate mnist --forgetting --alongside sst2
     """
-    from sparsemerge.data.readers import read_table
-    from sparsemerge.data.tasks import load_task
-    from sparsemerge.evaluate import load_adapted, trained_task
-    from sparsemerge.formats.merged import is_merged_dir
-    from sparsemerge.scoring import evaluate_data
+    from sparsemerge.switcher import AdapterSwitcher
     from sparsemerge.train.distributed import resolve_device
 
     with user_errors():
         dev = resolve_device(device)
-        path = _resolve(adapter)
-        if is_merged_dir(path):
+        paths = _adapter_paths(adapters)
+        adapter = _merged_model(paths)
+        if adapter is not None:
             refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force,
-                                   forgetting=forgetting, alongside=alongside, data=data)
-            evaluate_command(path, adapter, tasks=task, head=head, batch_size=batch_size,
+                                   forgetting=forgetting, alongside=alongside, data=data,
+                                   base_dtype=base_dtype != "auto")
+            evaluate_command(paths[adapter], adapter, tasks=task, head=head, batch_size=batch_size,
                              max_length=max_length, json_out=json_out, device=dev,
                              data_dir=data_dir, split=split, text_column=text_column,
                              text_pair_column=text_pair_column, label_column=label_column,
-                             skip_bad_rows=skip_bad_rows)
+                             skip_bad_rows=skip_bad_rows, has_header=not no_header)
             return
         task = _one_preset(task)
+        if (forgetting or alongside is not None) and len(paths) > 1:
+            raise SparseMergeError("--forgetting measures one adapter at a time")
     if forgetting or alongside is not None:
-        _forgetting(adapter, alongside, base=base, gguf_file=gguf_file, task=task,
+        _forgetting(adapters[0], alongside, base=base, gguf_file=gguf_file, task=task,
                     data_dir=data_dir, split=split, batch_size=batch_size,
                     max_length=max_length, force=force, device=dev, json_out=json_out)
         return
     with user_errors():
-        model, tok, ad, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
-                                                 force=force, device=dev)
-        labels = ad.heads[head_name].labels
         if data is not None:
             if task is not None:
                 raise SparseMergeError("pass either --task or --data, not both")
             if text_column is None or label_column is None:
                 raise SparseMergeError("--data needs --text-column and --label-column")
-            ds = read_table(data, text_column=text_column, text_pair_column=text_pair_column,
-                            label_column=label_column, labels=labels,
-                            skip_bad_rows=skip_bad_rows)
-        else:
-            if task is None:
-                task, trained_dir = trained_task(ad)
-                if task is None:
-                    raise SparseMergeError("the adapter was not trained on a preset task: pass "
-                                           "--task or --data with its columns")
-                data_dir = data_dir if data_dir is not None else trained_dir
-            ds = load_task(task, data_dir, split, skip_bad_rows=skip_bad_rows)
-            if list(ds.labels) != list(labels):
-                raise SparseMergeError(f"task {task} has labels {ds.labels}, the adapter's head "
-                                       f"{head_name} {labels}")
-        t0 = time.perf_counter()
-        metrics = evaluate_data(model, tok, ds, batch_size=batch_size, max_length=max_length)
-        wall = time.perf_counter() - t0
-    info = {"adapter": adapter, "head": head_name, "data": ds.source,
-            "skipped_bad_rows": ds.skipped, "metrics": metrics, "wall_time_s": round(wall, 2)}
+        switcher = AdapterSwitcher.load(paths, base, gguf_file=gguf_file, task=head,
+                                        force=force, device=dev, base_dtype=base_dtype)
+        infos = []
+        for name in switcher.names:
+            switcher.activate(name)
+            infos.append(_score_active(
+                switcher, task=task, data=data, data_dir=data_dir, split=split,
+                batch_size=batch_size, max_length=max_length,
+                read_options={"text_column": text_column, "text_pair_column": text_pair_column,
+                              "label_column": label_column, "skip_bad_rows": skip_bad_rows,
+                              "has_header": not no_header}))
     if json_out:
-        print_json(info)
+        print_json(infos[0] if len(infos) == 1 else infos)
         return
-    rows = [("adapter", adapter), ("head", head_name), ("data", ds.source)]
-    rows += [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
-    console.print(_summary_table("evaluation", rows))
+    for info in infos:
+        rows = [("adapter", info["adapter"]), ("head", info["head"]), ("data", info["data"])]
+        rows += [(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+                 for k, v in info["metrics"].items()]
+        console.print(_summary_table("evaluation", rows))
+
+
+def _adapter_paths(adapters: list[str]) -> dict[str, Path]:
+    """{adapter as given: local path}; the same adapter twice is an error."""
+    paths: dict[str, Path] = {}
+    for a in adapters:
+        if a in paths:
+            raise SparseMergeError(f"{a} is given twice")
+        paths[a] = _resolve(a)
+    return paths
+
+
+def _merged_model(paths: dict[str, Path]) -> str | None:
+    """The merged multi-head model among ``paths`` (then the only one), or None."""
+    from sparsemerge.formats.merged import is_merged_dir
+
+    merged = [a for a, p in paths.items() if is_merged_dir(p)]
+    if merged and len(paths) > 1:
+        raise SparseMergeError(f"{merged[0]} is a merged multi-head model directory: give it "
+                               "alone (its heads answer together); several ADAPTERs are for "
+                               "adapters switched on one base")
+    return merged[0] if merged else None
+
+
+def _score_active(switcher: Any, *, task: str | None, data: str | None, data_dir: str | None,
+                  split: str, batch_size: int, max_length: int,
+                  read_options: dict[str, Any]) -> dict[str, Any]:
+    """``evaluate``'s result for the switcher's active adapter: on ``data`` (a file read with
+    ``read_options``) or a preset ``task`` (default: the one it was trained on)."""
+    from sparsemerge.data.readers import read_table
+    from sparsemerge.data.tasks import load_task
+    from sparsemerge.evaluate import trained_task
+    from sparsemerge.scoring import evaluate_data
+
+    name = switcher.active
+    ad, head_name, labels = switcher.adapter(name), switcher.task(name), switcher.labels(name)
+    if data is not None:
+        ds = read_table(data, labels=labels, **read_options)
+    else:
+        if task is None:
+            task, trained_dir = trained_task(ad)
+            if task is None:
+                raise SparseMergeError(f"{name} was not trained on a preset task: pass --task "
+                                       "or --data with its columns")
+            data_dir = data_dir if data_dir is not None else trained_dir
+        ds = load_task(task, data_dir, split, skip_bad_rows=read_options["skip_bad_rows"])
+        if list(ds.labels) != list(labels):
+            raise SparseMergeError(f"task {task} has labels {ds.labels}, the head {head_name} "
+                                   f"of {name} {labels}")
+    t0 = time.perf_counter()
+    metrics = evaluate_data(switcher.model, switcher.tokenizer, ds, batch_size=batch_size,
+                            max_length=max_length)
+    return {"adapter": name, "head": head_name, "data": ds.source, "skipped_bad_rows":
+            ds.skipped, "metrics": metrics, "wall_time_s": round(time.perf_counter() - t0, 2)}
 
 
 def predict(
     adapter: Annotated[str, typer.Argument(
         help="Adapter directory, merged multi-head model directory (merge --heads), or "
              "hf://owner/name.")],
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    texts: Annotated[list[str], typer.Argument(
+        help="Texts to classify; leading ones that are directories or hf:// URIs are more "
+             "adapters, switched on one loaded base.")],
     pair: Annotated[list[str] | None, typer.Option(
         "--pair", help="Second text of a pair task, once per text, in order.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter "
@@ -454,6 +560,7 @@ def predict(
         help="Which head of a multi-task adapter; of a merged model, show only this head.")
                     ] = None,
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = _EVAL_DEVICE,
+    base_dtype: Annotated[str, typer.Option(help=_BASE_DTYPE_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
                      ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -462,47 +569,66 @@ def predict(
 
     An adapter answers for its task; a merged multi-head model (merge
     --heads) answers for every task at once, from one backbone pass.
+    Several adapters answer in turn, switched on one loaded base (O(nnz)
+    per switch).
 
     Examples:
 
     $ sparsemerge predict sst2 "a gripping, beautiful film" "a total bore"
 
+    $ sparsemerge predict sst2 cola "The film were great."
+
     $ sparsemerge predict mrpc "He left." --pair "He went away." --json
 
     $ sparsemerge predict merged "The film were great." --json
     """
-    from sparsemerge.evaluate import load_adapted
-    from sparsemerge.formats.merged import is_merged_dir
+    from sparsemerge.hub import is_hub_uri
     from sparsemerge.scoring import predict as predict_api
+    from sparsemerge.switcher import AdapterSwitcher
     from sparsemerge.train.distributed import resolve_device
 
+    n = next((i for i, t in enumerate(texts) if not (is_hub_uri(t) or Path(t).is_dir())),
+             len(texts))
+    adapters, texts = [adapter, *texts[:n]], texts[n:]
     with user_errors():
+        if not texts:
+            raise SparseMergeError("give the texts to classify after the adapters")
         dev = resolve_device(device)
-        path = _resolve(adapter)
-        if is_merged_dir(path):
-            refuse_adapter_options(adapter, base=base, gguf_file=gguf_file, force=force)
-            predict_command(path, adapter, texts, pair, head, json_out, dev)
+        paths = _adapter_paths(adapters)
+        merged = _merged_model(paths)
+        if merged is not None:
+            refuse_adapter_options(merged, base=base, gguf_file=gguf_file, force=force,
+                                   base_dtype=base_dtype != "auto")
+            predict_command(paths[merged], merged, texts, pair, head, json_out, dev)
             return
-        model, tok, _, head_name = load_adapted(path, base, gguf_file=gguf_file, task=head,
-                                                force=force, device=dev)
         if pair and len(pair) != len(texts):
             raise SparseMergeError(f"{len(texts)} texts but {len(pair)} --pair values; give "
                                    "one --pair per text")
-        preds = predict_api(model, tok, texts, pair or None)
-    rows = [{"text": t, **({"pair": pair[i]} if pair else {}), "label": lab,
-             "probability": p} for i, (t, (lab, p)) in enumerate(zip(texts, preds, strict=True))]
+        switcher = AdapterSwitcher.load(paths, base, gguf_file=gguf_file, task=head,
+                                        force=force, device=dev, base_dtype=base_dtype)
+        results = []
+        for name in switcher.names:
+            switcher.activate(name)
+            preds = predict_api(switcher.model, switcher.tokenizer, texts, pair or None)
+            rows = [{"text": t, **({"pair": pair[i]} if pair else {}), "label": lab,
+                     "probability": p}
+                    for i, (t, (lab, p)) in enumerate(zip(texts, preds, strict=True))]
+            results.append({"adapter": name, "head": switcher.task(name), "predictions": rows})
     if json_out:
-        print_json({"adapter": adapter, "head": head_name, "predictions": rows})
+        print_json(results[0] if len(results) == 1 else results)
         return
     from rich.table import Table
 
-    table = Table(title=f"{head_name} predictions", title_justify="left")
-    for col in ("text", "label", "probability"):
-        table.add_column(col, justify="right" if col == "probability" else "left")
-    for r in rows:
-        text = r["text"] + (f"  ||  {r['pair']}" if "pair" in r else "")
-        table.add_row(text, r["label"], f"{r['probability']:.3f}")
-    console.print(table)
+    for result in results:
+        title = (f"{result['head']} predictions"
+                 + (f" ({result['adapter']})" if len(results) > 1 else ""))
+        table = Table(title=title, title_justify="left")
+        for col in ("text", "label", "probability"):
+            table.add_column(col, justify="right" if col == "probability" else "left")
+        for r in result["predictions"]:
+            text = r["text"] + (f"  ||  {r['pair']}" if "pair" in r else "")
+            table.add_row(text, r["label"], f"{r['probability']:.3f}")
+        console.print(table)
 
 
 def quickstart(

@@ -1,19 +1,29 @@
-"""Tokenising labelled data and cutting it into padded, rank-sharded, seeded batches."""
+"""Tokenising data and cutting it into padded, rank-sharded, seeded batches.
+
+:func:`encode` tokenises labelled data for classification (one class id per example),
+:func:`encode_lm` conversations for the causal-LM objective (one label per token, -100 on
+the prompt); :func:`batches` pads either kind.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from sparsemerge.data.examples import LabeledData
+from sparsemerge.data.examples import LabeledData, LMData
+from sparsemerge.data.templates import PromptTemplate, apply_template, chat_segments
 from sparsemerge.errors import DataError
 from sparsemerge.models import resolve_pad_token_id
 
-__all__ = ["Encoded", "batches", "encode", "num_batches"]
+__all__ = ["IGNORE_INDEX", "Encoded", "LongCounts", "batches", "encode", "encode_lm",
+           "num_batches"]
+
+#: The label of a token the loss ignores (PyTorch's and transformers' convention).
+IGNORE_INDEX = -100
 
 
 class Encoded(dict):
@@ -22,34 +32,51 @@ class Encoded(dict):
     pad_token_id: int = 0
 
 
+class LongCounts(NamedTuple):
+    """How many examples were longer than ``max_length``: truncated, or dropped."""
+
+    truncated: int
+    dropped: int
+
+
 def encode(
     data: LabeledData,
     tokenizer: Any,
     max_length: int,
-    drop_long: bool = True,
-) -> tuple[Encoded, int]:
-    """Tokenise ``data``; return (columns, number of examples dropped for length).
+    drop_long: bool = False,
+    *,
+    template: PromptTemplate | None = None,
+    keep_end: bool | None = None,
+) -> tuple[Encoded, LongCounts]:
+    """Tokenise ``data``; return (columns, how many long examples were truncated / dropped).
 
     The columns are lists with one entry per kept example, in data order: ``input_ids``,
     ``attention_mask``, ``token_type_ids`` (only if the tokenizer makes them), ``labels``
-    and ``index`` (the example's position in ``data``, to map predictions back). Special
-    tokens are added. An example longer than ``max_length`` tokens is dropped when
-    ``drop_long`` (as in SpaRTA, for training), else truncated (longest-first for pairs; use
-    this for evaluation so every example is scored). No padding here: :func:`batches` pads
-    each batch to its own longest row. The result's ``pad_token_id`` attribute holds
+    and ``index`` (the example's position in ``data``, to map predictions back). With a
+    ``template`` each example is its filled prompt (:func:`apply_template`; one text, even for
+    pair tasks) and, chat-wrapped, is tokenised without adding special tokens (the chat
+    template has its own); otherwise special tokens are added.
+
+    An example longer than ``max_length`` tokens is truncated, so that every example is
+    trained on and scored, or dropped with ``drop_long`` (as SpaRTA does). Truncation keeps
+    the end when ``keep_end`` (default: with a template), where a prompt's answer position
+    and a decoder's last token are; else the start, longest-first for pairs (an encoder's
+    first token is what its head reads). No padding here: :func:`batches` pads each batch to
+    its own longest row. The result's ``pad_token_id`` attribute holds
     :func:`resolve_pad_token_id` (tokenizer) for :func:`batches`.
     """
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2, got {max_length}")
-    if not len(data):
-        raise DataError(f"{data.source}: nothing to encode (0 examples)")
+    _check_input(data, max_length)
     pad_id = resolve_pad_token_id(tokenizer)
-    texts = data.texts
-    pairs = data.text_pairs
+    if template is not None:
+        texts, pairs = apply_template(data, template, tokenizer), [None] * len(data)
+    else:
+        texts, pairs = data.texts, data.text_pairs
     is_pair = any(p is not None for p in pairs)
     if is_pair and any(p is None for p in pairs):
         raise DataError(f"{data.source}: some examples have a text pair and some do not")
-    kw: dict[str, Any] = {"add_special_tokens": True, "truncation": False}
+    keep_end = template is not None if keep_end is None else keep_end
+    special = template is None or not template.chat
+    kw: dict[str, Any] = {"add_special_tokens": special, "truncation": False}
     full = tokenizer(texts, pairs, **kw) if is_pair else tokenizer(texts, **kw)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in full]
     out = Encoded({k: [] for k in keys})
@@ -59,11 +86,16 @@ def encode(
     long_idx = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
     trunc = None
     if long_idx and not drop_long:
-        kt: dict[str, Any] = {"add_special_tokens": True, "truncation": True,
+        kt: dict[str, Any] = {"add_special_tokens": special, "truncation": True,
                               "max_length": max_length}
         lt = [texts[i] for i in long_idx]
-        trunc = (tokenizer(lt, [pairs[i] for i in long_idx], **kt) if is_pair
-                 else tokenizer(lt, **kt))
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left" if keep_end else "right"
+        try:
+            trunc = (tokenizer(lt, [pairs[i] for i in long_idx], **kt) if is_pair
+                     else tokenizer(lt, **kt))
+        finally:
+            tokenizer.truncation_side = side
         trunc_pos = {i: j for j, i in enumerate(long_idx)}
     long_set = set(long_idx)
     for i, ex in enumerate(data.examples):
@@ -79,11 +111,69 @@ def encode(
         out["index"].append(i)
     if "attention_mask" not in out:
         out["attention_mask"] = [[1] * len(ids) for ids in out["input_ids"]]
-    n_dropped = len(long_idx) if drop_long else 0
-    if not out["labels"]:
+    return out, _long_counts(data, out, max_length, len(long_idx), drop_long)
+
+
+def _check_input(data: LabeledData | LMData, max_length: int) -> None:
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    if not len(data):
+        raise DataError(f"{data.source}: nothing to encode (0 examples)")
+
+
+def _long_counts(data: LabeledData | LMData, out: Encoded, max_length: int, n_long: int,
+                 drop_long: bool) -> LongCounts:
+    """The counts ``encode`` / ``encode_lm`` return, once something is left to train on."""
+    if not out["input_ids"]:
         raise DataError(f"{data.source}: every example is longer than max_length={max_length} "
                         f"tokens; raise max_length or pass drop_long=False to truncate")
-    return out, n_dropped
+    return LongCounts(0, n_long) if drop_long else LongCounts(n_long, 0)
+
+
+def encode_lm(
+    data: LMData,
+    tokenizer: Any,
+    max_length: int,
+    drop_long: bool = False,
+    *,
+    chat: bool,
+) -> tuple[Encoded, LongCounts]:
+    """Tokenise conversations for the causal-LM objective; return (columns, long counts).
+
+    Columns: ``input_ids``, ``attention_mask``, ``labels`` (one per token: the token itself on
+    the assistant's turns, :data:`IGNORE_INDEX` on everything else, so the loss is on the
+    response only; transformers' causal-LM models shift them) and ``index``. With ``chat`` the
+    conversation is rendered in the tokenizer's chat template (:func:`chat_segments`; the
+    answers include the end-of-turn tokens); without, the turns' texts are concatenated, the
+    first tokenised with the tokenizer's special tokens (its BOS) and each answer followed by
+    EOS, so the model learns to stop. An example longer than ``max_length`` keeps its last
+    ``max_length`` tokens (the answer is last), or is dropped with ``drop_long``.
+    """
+    _check_input(data, max_length)
+    eos = [] if chat or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    out = Encoded(input_ids=[], attention_mask=[], labels=[], index=[])
+    out.pad_token_id = resolve_pad_token_id(tokenizer)
+    n_long = 0
+    for i, ex in enumerate(data.examples):
+        pieces = (chat_segments(ex.messages, tokenizer) if chat
+                  else [(m.content, m.role == "assistant") for m in ex.messages])
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (text, is_answer) in enumerate(pieces):
+            tokens = tokenizer(text, add_special_tokens=not chat and k == 0)["input_ids"]
+            tokens = list(tokens) + (eos if is_answer else [])
+            ids += tokens
+            labels += tokens if is_answer else [IGNORE_INDEX] * len(tokens)
+        if len(ids) > max_length:
+            n_long += 1
+            if drop_long:
+                continue
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        out["index"].append(i)
+    return out, _long_counts(data, out, max_length, n_long, drop_long)
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
@@ -121,7 +211,9 @@ def batches(
 
     Rows are right-padded to the batch's longest row: ``input_ids`` with ``pad_token_id``
     (default: ``encoded.pad_token_id`` as set by :func:`encode`, else 0), ``attention_mask``
-    and ``token_type_ids`` with 0. ``labels`` is 1-D. With ``with_index`` the batch also holds
+    and ``token_type_ids`` with 0. ``labels`` is 1-D (a class id per example, from
+    :func:`encode`), or per token like ``input_ids`` and padded with :data:`IGNORE_INDEX`
+    (from :func:`encode_lm`). With ``with_index`` the batch also holds
     ``index`` (1-D: each row's position in the original data, from :func:`encode`) -- off by
     default so that ``model(**batch)`` works. Other columns are ignored.
     """
@@ -143,8 +235,11 @@ def batches(
     if len(starts) > 1 and n - starts[-1] < world_size:
         starts.pop()
     bounds = list(zip(starts, starts[1:] + [n], strict=True))
+    per_token = isinstance(encoded["labels"][0], (list, tuple))  # from encode_lm
     seq_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-    vec_keys = ["labels"]
+    seq_keys += ["labels"] if per_token else []
+    vec_keys = [] if per_token else ["labels"]
+    fills = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     if with_index:
         if "index" not in encoded:
             raise DataError("with_index=True needs the 'index' column that encode() makes")
@@ -154,8 +249,7 @@ def batches(
         longest = max(len(encoded["input_ids"][i]) for i in idx)
         batch: dict[str, torch.Tensor] = {}
         for k in seq_keys:
-            fill = pad_token_id if k == "input_ids" else 0
-            t = torch.full((len(idx), longest), fill, dtype=torch.long)
+            t = torch.full((len(idx), longest), fills.get(k, 0), dtype=torch.long)
             for r, i in enumerate(idx):
                 row = encoded[k][i]
                 t[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)

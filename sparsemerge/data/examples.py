@@ -1,13 +1,15 @@
-"""What every reader returns: labelled examples and their ordered class names."""
+"""What every reader returns: labelled examples and their ordered class names, or prompt /
+response conversations for a causal-LM objective."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sparsemerge.errors import DataError
 
-__all__ = ["Column", "Example", "LabeledData", "concat"]
+__all__ = ["Column", "Example", "LMData", "LMExample", "LabeledData", "Message", "concat"]
 
 #: A column is named (header files, JSON keys) or numbered (headerless files).
 Column = str | int
@@ -15,11 +17,18 @@ Column = str | int
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example: a text (and, for pair tasks, a second text) and a class id."""
+    """One labelled example: a text (and, for pair tasks, a second text) and a class id.
+
+    ``fields`` holds the row's cells by column name (``"0"``, ``"1"``, ... in a headerless
+    file without names), the label column left out: a prompt template
+    (:mod:`~sparsemerge.data.templates`) may use any column of the file, and must never see
+    the answer. ``None`` for examples built in code.
+    """
 
     text: str
     text_pair: str | None
     label: int
+    fields: Mapping[str, str] | None = field(default=None, hash=False, repr=False)
 
 
 @dataclass
@@ -65,6 +74,12 @@ class LabeledData:
         return any(e.text_pair is not None for e in self.examples)
 
     @property
+    def columns(self) -> list[str]:
+        """The columns a prompt template may use: the first example's ``fields``."""
+        fields = self.examples[0].fields if self.examples else None
+        return list(fields or ())
+
+    @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.labels))
 
@@ -101,3 +116,43 @@ def concat(parts: Sequence[LabeledData]) -> LabeledData:
         " + ".join(p.source for p in parts),
         sum(p.skipped for p in parts),
     )
+
+
+class Message(NamedTuple):
+    """One chat turn: ``role`` ("system", "user", "assistant", ...) and its text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class LMExample:
+    """A conversation for the causal-LM objective; the loss is on the assistant turns only.
+
+    A prompt/response row is the two turns ``user: prompt``, ``assistant: response``; the
+    last turn is always the assistant's (readers check it), so truncation that keeps the end
+    keeps the answer.
+    """
+
+    messages: tuple[Message, ...]
+
+
+@dataclass
+class LMData:
+    """Conversations for the causal-LM objective, with where they came from.
+
+    ``source`` and ``skipped`` mean what they do in :class:`LabeledData`.
+    """
+
+    examples: list[LMExample]
+    source: str
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[LMExample]:
+        return iter(self.examples)
+
+    def __getitem__(self, i: int) -> LMExample:
+        return self.examples[i]

@@ -10,9 +10,18 @@ shipped in ``../shared/data/mnist``: rows ``[0, 8000)`` are training data, rows
 ``[8000, 10000)`` evaluation data (:data:`SPLITS`). The official file is not sorted by
 label, so both parts hold every digit.
 
-Rows are JSON Lines ``{"text": ..., "label": "7", "index": 1234}`` (``index``: the image's
-position in the idx file), readable with
-``read_table(path, text_column="text", label_column="label", labels=LABELS)``.
+Rows are JSON Lines (``index``: the image's position in the idx file), in one of
+:data:`FORMATS`:
+
+* ``text`` (classification): ``{"text": ..., "label": "7", "index": 1234}``, readable with
+  ``read_table(path, text_column="text", label_column="label", labels=LABELS)``;
+* ``prompt-response`` (causal LM): ``{"prompt": prompt(text), "response": "7", "index": ...}``,
+  readable with ``read_lm(path)``;
+* ``chat`` (causal LM): ``{"messages": [{"role": "user", "content": prompt(text)},
+  {"role": "assistant", "content": "7"}], "index": ...}``, readable with
+  ``read_lm(path, messages_column="messages")``.
+
+The generative formats always carry the instruction (:func:`prompt`): the model answers it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from sparsemerge.errors import DataError
 from sparsemerge.formats.atomic import atomic_write_bytes
 
 __all__ = [
+    "FORMATS",
     "LABELS",
     "PROMPT_TEMPLATE",
     "SPLITS",
@@ -37,6 +47,7 @@ __all__ = [
 ]
 
 LABELS: tuple[str, ...] = tuple("0123456789")
+FORMATS: tuple[str, ...] = ("text", "prompt-response", "chat")
 SPLITS: dict[str, tuple[int, int | None]] = {"train": (0, 8000), "eval": (8000, 10000),
                                               "all": (0, None)}
 
@@ -140,6 +151,16 @@ def prompt(text: str) -> str:
 _prompt = prompt  # write_jsonl's ``prompt`` flag shadows the function's name
 
 
+def _row(text: str, label: str, index: int, row_format: str, prompt: bool) -> dict:
+    """One output row in ``row_format`` (see the module docstring)."""
+    if row_format == "text":
+        return {"text": _prompt(text) if prompt else text, "label": label, "index": index}
+    if row_format == "prompt-response":
+        return {"prompt": _prompt(text), "response": label, "index": index}
+    return {"messages": [{"role": "user", "content": _prompt(text)},
+                         {"role": "assistant", "content": label}], "index": index}
+
+
 def write_jsonl(
     images_path: str | Path,
     labels_path: str | Path,
@@ -148,16 +169,22 @@ def write_jsonl(
     start: int = 0,
     stop: int | None = None,
     prompt: bool = False,
+    row_format: str = "text",
 ) -> int:
     """Convert MNIST idx images ``[start, stop)`` to Textual MNIST JSON Lines; return the count.
 
-    Each row is ``{"text": to_text(image, size), "label": "<digit>", "index": i}``, with the
-    text wrapped by :func:`prompt` when ``prompt`` is true. The output is written atomically
+    ``row_format`` is one of :data:`FORMATS` (see the module docstring). In the ``text``
+    format each row is ``{"text": to_text(image, size), "label": "<digit>", "index": i}``,
+    the text wrapped by :func:`prompt` when ``prompt`` is true; the generative formats
+    always wrap it. The output is written atomically
     (:mod:`sparsemerge.formats.atomic`: a full disk or a read-only folder is a
     :class:`SparseMergeError`, and no temp file stays). Raises :class:`DataError` if the files
     disagree in count, the images are not 3-D uint8, a label is outside 0..9 or the range is
     empty or out of bounds.
     """
+    if row_format not in FORMATS:
+        raise DataError(f"unknown Textual MNIST format {row_format!r}: use one of "
+                        f"{', '.join(FORMATS)}")
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -178,12 +205,8 @@ def write_jsonl(
     if bad.size:
         i = start + int(bad[0])
         raise DataError(f"{labels_path}: label {labels[i]} of image {i} is not a digit 0-9")
-    lines = []
-    for i in range(start, stop):
-        text = to_text(images[i], size)
-        if prompt:
-            text = _prompt(text)
-        lines.append(json.dumps({"text": text, "label": str(int(labels[i])), "index": i},
-                                ensure_ascii=False))
+    lines = [json.dumps(_row(to_text(images[i], size), str(int(labels[i])), i, row_format,
+                             prompt), ensure_ascii=False)
+             for i in range(start, stop)]
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode("utf-8"))
     return len(lines)

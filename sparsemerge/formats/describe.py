@@ -1,12 +1,16 @@
-"""A summary of an adapter file: what ``sparsemerge inspect`` shows, as plain data."""
+"""A summary of an adapter file: what ``sparsemerge inspect`` shows, as plain data.
+
+Reads through :mod:`sparsemerge.formats.adapter_reader`: fully validated, without torch.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-from sparsemerge.formats.adapter_file import WEIGHTS_NAME, read_adapter
+from sparsemerge.formats.adapter_reader import WEIGHTS_NAME, read_stored
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
@@ -24,7 +28,8 @@ def _bits(nbytes: int, nnz: int) -> float:
 def describe_adapter(path: str | Path) -> dict[str, Any]:
     """Method, base, counts, density, bits per entry (index / value), codecs, heads, metrics."""
     path = Path(path)
-    adapter, storage, _ = read_adapter(path)
+    adapter = read_stored(path)
+    storage = adapter.storage
     file = path / WEIGHTS_NAME if path.is_dir() else path
     tensors = []
     for name, s in storage.items():
@@ -39,7 +44,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         row = layers.setdefault(layer_of(name), {"layer": layer_of(name), "targets": 0, "nnz": 0,
                                                  "numel": 0, "index_bytes": 0, "value_bytes": 0})
         row["targets"] += 1
-        row["numel"] += t.sparse.numel if t.sparse is not None else _numel(t.shape)
+        row["numel"] += math.prod(t.sparse.shape if t.sparse is not None else t.shape)
     for s in tensors:
         row = layers[s["layer"]]
         row["nnz"] += s["nnz"]
@@ -79,10 +84,3 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
                                                          else 0)),
         "tensors": tensors,
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ SINGLE_WEIGHTS = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
-TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+MAX_TASK_NAME_BYTES = 255  # a folder name (NAME_MAX on Linux and macOS)
 MAX_JSON_BYTES = 64 * 1024 * 1024
 FINITE_CHUNK_BYTES = 64 * 1024 * 1024  # NaN/Inf scan of backbone shards: block size
 
@@ -69,13 +70,61 @@ ST_DTYPES: dict[str, torch.dtype] = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def check_task_name(task: str) -> str:
-    """Task names become directory names and module keys: letters, digits, '_' and '-'."""
-    if not isinstance(task, str) or not TASK_NAME.match(task):
-        raise SparseMergeError(
-            f"task name {task!r} cannot name a head directory: use letters, digits, '_' and "
-            "'-' only (at most 128 characters, not starting with '-')")
+def task_name_problem(task: object) -> str | None:
+    """Why ``task`` cannot name a head (its folder ``heads/<task>/``), or ``None`` if it can.
+
+    Any string is a task name except what is unsafe as one folder name: the empty string,
+    ``.`` and ``..``, path separators (``/``, ``\\``), control characters (NUL, newlines,
+    ...), leading or trailing whitespace (Windows drops trailing spaces, and the command line
+    strips them) and more than 255 bytes in UTF-8. Dots, spaces, ``=`` and names of Python
+    attributes (``train``, ``to``) are fine: heads are held by name, never as attributes.
+    """
+    if not isinstance(task, str):
+        return f"must be a string, not {type(task).__name__}"
+    if not task:
+        return "is empty"
+    if task in (".", ".."):
+        return "would name the heads folder itself or its parent"
+    if "/" in task or "\\" in task:
+        return "contains a path separator ('/' or '\\')"
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in task):
+        return "contains a control character"
+    if task != task.strip():
+        return "starts or ends with whitespace"
+    size = len(task.encode("utf-8"))  # no surrogates left (category Cs above)
+    if size > MAX_TASK_NAME_BYTES:
+        return f"is {size} bytes in UTF-8; a folder name holds at most {MAX_TASK_NAME_BYTES}"
+    return None
+
+
+def check_task_name(task: str, error: type[SparseMergeError] = SparseMergeError,
+                    hint: str = "") -> str:
+    """``task`` if it can name a head folder, else ``error`` saying why (see
+    :func:`task_name_problem`), followed by ``hint`` (how to choose another name)."""
+    why = task_name_problem(task)
+    if why is not None:
+        raise error(f"task name {task!r} {why}, so it cannot name the head's folder "
+                    f"heads/<task>/{hint}")
     return task
+
+
+def check_task_names(tasks: Iterable[str], error: type[SparseMergeError] = SparseMergeError,
+                     hint: str = "") -> list[str]:
+    """Every name checked, and no two that would share a folder on a case-insensitive or
+    Unicode-normalising file system (macOS, Windows): ``SST2`` and ``sst2`` cannot both be
+    heads of one merged model."""
+    seen: dict[str, str] = {}
+    out = []
+    for task in tasks:
+        check_task_name(task, error, hint)
+        key = unicodedata.normalize("NFC", task).casefold()
+        if key in seen and seen[key] != task:
+            raise error(f"task names {seen[key]!r} and {task!r} differ only in case (or Unicode "
+                        "form), so their folders heads/<task>/ would be one folder on macOS "
+                        f"and Windows{hint}")
+        seen.setdefault(key, task)
+        out.append(task)
+    return out
 
 
 def parse_size(size: int | str) -> int:
@@ -492,8 +541,9 @@ def read_merged(path: str | Path) -> MergedFiles:
                           f"not supported (reads {RECIPE_VERSION}); upgrade sparsemerge")
     tasks = _field(recipe, "tasks", list, recipe_file)
     for t in tasks:
-        if not isinstance(t, str) or not TASK_NAME.match(t):
-            raise FormatError(f"{recipe_file}: invalid task name {t!r}")
+        why = task_name_problem(t)
+        if why is not None:
+            raise FormatError(f"{recipe_file}: invalid task name {t!r}: it {why}")
     if len(set(tasks)) != len(tasks):
         raise FormatError(f"{recipe_file}: duplicate task names in {tasks}")
     _field(recipe, "method", str, recipe_file)

@@ -21,7 +21,8 @@ Heads are never merged: each task's head is carried over unchanged. Refused, wit
 
 The merged adapter (format v1, mergeable and applicable again) records in its metadata the
 method, the validated parameters, the weights, every input (path, kind, SHA-256 of its weight
-file, tasks, weight) and the sparsemerge version: ``hyperparameters`` holds
+file, tasks, weight, and ``renamed_from`` for a head renamed by ``NAME=PATH``) and the
+sparsemerge version: ``hyperparameters`` holds
 ``merge_method`` / ``parameters`` / ``weights``, ``extra["merge"]`` the full record.
 """
 
@@ -80,7 +81,8 @@ def input_record(adapter: SparseAdapter, i: int, weight: float) -> dict[str, Any
     src = adapter.extra.get("source") if isinstance(adapter.extra, dict) else None
     rec: dict[str, Any] = {}
     if isinstance(src, dict):
-        rec.update({k: v for k, v in src.items() if k in ("path", "kind", "sha256", "file")})
+        rec.update({k: v for k, v in src.items()
+                    if k in ("path", "kind", "sha256", "file", "renamed_from")})
     if "sha256" not in rec:
         rec["sha256"] = adapter_sha256(adapter)
         rec.setdefault("kind", "in-memory")
@@ -154,8 +156,10 @@ def collect_heads(adapters: Sequence[SparseAdapter]) -> dict[str, Head]:
             if task in heads:
                 raise SparseMergeError(
                     f"two inputs have a head for task {task!r}: {labels[owner[task]]} and "
-                    f"{labels[i]}; heads are never merged, so task names must be unique "
-                    "(retrain one with --task-name, or merge without one of them)")
+                    f"{labels[i]}; heads are never merged, so task names must be unique: "
+                    "rename them at merge time with NAME=PATH inputs (merge --heads "
+                    "news=PATH_A topics=PATH_B ...; in a recipe, 'task:' under the input), "
+                    "train with --task-name NAME, or merge without one of them")
             heads[task] = h
             owner[task] = i
     tasks = list(heads)

@@ -24,8 +24,8 @@ kind and the SHA-256 of its weight file(s) (the merge recipe lists these):
   Other changed tensors (embeddings, norms, biases) are not carried. If the checkpoint has
   a classification head and ``id2label``, it becomes the task's head.
 
-Task names come from the directory name (sanitised to letters, digits, ``_``, ``-``) unless
-``task`` is given.
+Task names come from the directory's name unless ``task`` is given; :func:`rename_head`
+renames an input's one head (``merge NAME=PATH``).
 """
 
 from __future__ import annotations
@@ -55,8 +55,26 @@ PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def task_from_path(path: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", path.resolve().name).strip("_-")
-    return name or "task"
+    from sparsemerge.formats.merged import task_name_problem
+
+    name = path.resolve().name
+    return name if task_name_problem(name) is None else "task"
+
+
+def rename_head(adapter: SparseAdapter, task: str, path: str) -> SparseAdapter:
+    """Give ``adapter``'s one head the name ``task`` (in place; ``merge NAME=PATH``); the
+    old name is kept in ``extra["source"]["renamed_from"]``."""
+    if len(adapter.heads) != 1:
+        what = (f"{len(adapter.heads)} heads ({', '.join(adapter.heads)})" if adapter.heads
+                else "no classification head")
+        raise SparseMergeError(f"input {task}={path}: {path} has {what}; NAME=PATH names "
+                               "the head of an input that has exactly one")
+    (old, head), = adapter.heads.items()
+    adapter.heads = {task: head}
+    if old != task:
+        adapter.extra = dict(adapter.extra)
+        adapter.extra["source"] = {**adapter.extra.get("source", {}), "renamed_from": old}
+    return adapter
 
 
 def input_kind(path: str | Path) -> str:

@@ -10,6 +10,8 @@ A recipe file (``sparsemerge merge --config recipe.yaml``), mergekit-style::
       - path: runs/sst2          # alias: model; local dir, hf://owner/name[@rev], PEFT dir, or
         weight: 1.0              #   a fully fine-tuned model dir (weight also under parameters:)
       - runs/cola
+      - path: runs/train-file    # task (alias: name): rename the input's head, e.g. when two
+        task: news               #   adapters are both called "train"; as a string: news=PATH
     base: null                   # base model (default: the one the adapters were trained on)
     heads: true                  # true: merged multi-head model dir; false: merged adapter
     output: merged               # alias: out
@@ -21,6 +23,9 @@ A recipe file (``sparsemerge merge --config recipe.yaml``), mergekit-style::
 Relative ``inputs`` / ``output`` / ``base`` paths are resolved against the recipe file's
 folder, so a recipe and its adapters can move together. Command-line flags given alongside
 ``--config`` override the file's values (inputs on the command line replace its inputs).
+An input written ``NAME=PATH`` (command line or recipe) renames that input's one head to
+``NAME`` (see :func:`split_input`); a task name may be any text a folder name can hold
+(:func:`~sparsemerge.formats.merged.task_name_problem`).
 :func:`run_recipe` executes a recipe; the CLI is a thin layer over it.
 """
 
@@ -34,7 +39,7 @@ from typing import Any
 
 from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
-from sparsemerge.formats.merged import DEFAULT_MAX_SHARD_SIZE, parse_size
+from sparsemerge.formats.merged import DEFAULT_MAX_SHARD_SIZE, check_task_name, parse_size
 from sparsemerge.merge.operators import get_operator
 
 DEFAULT_METHOD = "sum"
@@ -44,6 +49,7 @@ _KEYS = {
     "parameters": "parameters", "params": "parameters",
     "inputs": "inputs", "models": "inputs", "adapters": "inputs",
     "base": "base", "base_model": "base",
+    "base_dtype": "base_dtype",
     "heads": "heads",
     "output": "output", "out": "output",
     "max_shard_size": "max_shard_size",
@@ -64,6 +70,37 @@ _SEED = Param("seed", int, 0, "seed of DARE sparsification of full fine-tunes", 
 class RecipeInput:
     path: str
     weight: float = 1.0
+    task: str | None = None  # the name its head gets in the merge (None: as the input has it)
+
+
+_RENAME_HINT = "; write NAME=PATH with another name"
+
+
+def split_input(text: str, root: Path | None = None) -> tuple[str | None, str]:
+    """``"news=runs/a"`` -> ``("news", "runs/a")``: an input with its head renamed to
+    ``news``; ``"runs/a"`` -> ``(None, "runs/a")``. A text that names an existing file or
+    folder (relative to ``root`` when given) is a path; ``hf://`` URIs are paths. Otherwise
+    it is split at the first ``=`` after which an existing path follows (so a name may hold
+    ``=``: ``"a=b=runs/a"`` -> ``("a=b", "runs/a")``), else at the first ``=``."""
+
+    def exists(value: str) -> bool:
+        local = Path(value) if root is None or Path(value).is_absolute() else root / value
+        try:
+            return local.exists()
+        except OSError:  # a name too long for the file system
+            return False
+
+    if "=" not in text or text.startswith("hf://") or exists(text):
+        return None, text
+    name, _, path = text.partition("=")
+    for i, c in enumerate(text):
+        if c == "=" and i and (exists(text[i + 1:]) or text[i + 1:].startswith("hf://")):
+            name, path = text[:i], text[i + 1:]
+            break
+    if not name or not path:
+        raise SparseMergeError(f"input {text!r}: write NAME=PATH (a head name, '=', the "
+                               "adapter's path) or just PATH")
+    return name, path
 
 
 @dataclass
@@ -75,6 +112,7 @@ class MergeRecipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     inputs: list[RecipeInput] = field(default_factory=list)
     base: str | None = None
+    base_dtype: str = "auto"  # with heads: dtype of the written backbone ("auto": the base's)
     heads: bool = False
     output: str | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -100,6 +138,14 @@ class MergeRecipe:
         self.seed = _SEED.check(self.seed, "recipe: ")
         if not isinstance(self.heads, bool):
             raise SparseMergeError(f"recipe: 'heads' must be true or false, got {self.heads!r}")
+        from sparsemerge.models import BASE_DTYPES
+
+        if self.base_dtype not in BASE_DTYPES:
+            raise SparseMergeError(f"recipe: 'base_dtype' must be one of "
+                                   f"{', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        for inp in self.inputs:
+            if inp.task is not None:
+                check_task_name(inp.task, hint=f" (input {inp.path}){_RENAME_HINT}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,13 +200,20 @@ def recipe_from_dict(data: Any, *, where: str = "recipe", root: Path | None = No
     for i, item in enumerate(inputs):
         w = f"{where}: inputs[{i}]"
         if isinstance(item, str):
-            r.inputs.append(RecipeInput(_path(item, root)))
+            task, path = split_input(item, root)
+            r.inputs.append(RecipeInput(_path(path, root), task=task))
             continue
         if not isinstance(item, Mapping):
             raise SparseMergeError(f"{w}: expected a path or a mapping with 'path'")
-        unknown = set(item) - {"path", "model", "weight", "parameters"}
+        unknown = set(item) - {"path", "model", "weight", "parameters", "task", "name"}
         if unknown:
             raise SparseMergeError(f"{w}: unknown key(s) {sorted(unknown)}")
+        if "task" in item and "name" in item:
+            raise SparseMergeError(f"{w}: give 'task' or its alias 'name', not both")
+        task = item.get("task", item.get("name"))
+        if task is not None and not isinstance(task, str):
+            raise SparseMergeError(f"{w}: 'task' must be a string (the head's new name), got "
+                                   f"{task!r}")
         path = item.get("path", item.get("model"))
         if not isinstance(path, str) or not path:
             raise SparseMergeError(f"{w}: 'path' must be a non-empty string")
@@ -170,7 +223,7 @@ def recipe_from_dict(data: Any, *, where: str = "recipe", root: Path | None = No
             raise SparseMergeError(f"{w}: per-input 'parameters' may only hold 'weight'")
         if weight is None:
             weight = sub.get("weight", 1.0)
-        r.inputs.append(RecipeInput(_path(path, root), _weight(weight, w)))
+        r.inputs.append(RecipeInput(_path(path, root), _weight(weight, w), task))
     for key in ("base", "output"):
         if opts.get(key) is not None:
             if not isinstance(opts[key], str):
@@ -178,7 +231,7 @@ def recipe_from_dict(data: Any, *, where: str = "recipe", root: Path | None = No
             setattr(r, key, _path(opts[key], root, only_if_exists=key == "base"))
     if "heads" in opts:
         r.heads = opts["heads"]
-    for key in ("max_shard_size", "input_density", "sparsify", "seed"):
+    for key in ("max_shard_size", "input_density", "sparsify", "seed", "base_dtype"):
         if key in opts:
             setattr(r, key, opts[key])
     return r
@@ -227,7 +280,7 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
                  heads: bool | None = None, base: str | None = None,
                  output: str | None = None, max_shard_size: int | str | None = None,
                  input_density: float | None = None, sparsify: str | None = None,
-                 seed: int | None = None) -> MergeRecipe:
+                 seed: int | None = None, base_dtype: str | None = None) -> MergeRecipe:
     """A validated recipe from command-line values (``None`` = not given), on top of
     ``config`` when given. Flags override the file; command-line inputs replace its inputs."""
     r = load_recipe(config) if config is not None else MergeRecipe()
@@ -242,7 +295,10 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
         extra["lam"] = lam
     r.parameters = {**r.parameters, **extra}
     if inputs:
-        r.inputs = [RecipeInput(str(p)) for p in inputs]
+        r.inputs = []
+        for item in inputs:
+            task, path = split_input(str(item))
+            r.inputs.append(RecipeInput(path, task=task))
     ws = parse_weights(weights)
     if ws is not None:
         if len(ws) != len(r.inputs):
@@ -252,7 +308,7 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
             inp.weight = w
     for key, value in (("heads", heads), ("base", base), ("output", output),
                        ("max_shard_size", max_shard_size), ("input_density", input_density),
-                       ("sparsify", sparsify), ("seed", seed)):
+                       ("sparsify", sparsify), ("seed", seed), ("base_dtype", base_dtype)):
         if value is not None:
             setattr(r, key, value)
     return r.validate()
@@ -264,12 +320,18 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
 def load_inputs(recipe: MergeRecipe, *, progress: Callable[[str, int, int], None] | None = None):
     """Load every input as a SparseAdapter; returns (adapters, base, gguf_file)."""
     from sparsemerge.hub import resolve_path
-    from sparsemerge.merge.inputs import input_kind, load_merge_input
+    from sparsemerge.merge.inputs import input_kind, load_merge_input, rename_head
     from sparsemerge.models import adapter_base
 
     kinds = []
     for inp in recipe.inputs:
-        kinds.append(input_kind(resolve_path(inp.path)))
+        try:
+            kinds.append(input_kind(resolve_path(inp.path)))
+        except SparseMergeError as exc:
+            if inp.task is None:
+                raise
+            raise SparseMergeError(f"input {inp.task}={inp.path} (head name {inp.task!r}, "
+                                   f"path {inp.path!r}): {exc}") from None
     adapters: list[Any] = [None] * len(recipe.inputs)
     done = 0
     for i, inp in enumerate(recipe.inputs):  # own adapters first: they name the base
@@ -294,6 +356,9 @@ def load_inputs(recipe: MergeRecipe, *, progress: Callable[[str, int, int], None
             done += 1
             if progress:
                 progress("load", done, len(adapters))
+    for inp, adapter in zip(recipe.inputs, adapters, strict=True):
+        if inp.task is not None:
+            rename_head(adapter, inp.task, inp.path)
     return adapters, base, gguf
 
 
@@ -326,7 +391,7 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         report["backbone"] = save_merged_model(
             merged, recipe.output, base=recipe.base if recipe.base is not None else base,
             gguf_file=gguf, recipe=body, max_shard_size=recipe.max_shard_size, force=force,
-            progress=progress)
+            progress=progress, base_dtype=recipe.base_dtype)
     else:
         if recipe.base is not None:
             _check_base_now(merged, recipe.base, gguf, force)

@@ -37,7 +37,7 @@ from sparsemerge.formats.merged import (
     ST_NAMES,
     ShardPlan,
     TensorSpec,
-    check_task_name,
+    check_task_names,
     head_config,
     parse_size,
     write_head,
@@ -51,13 +51,20 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 def stream_backbone(ckpt: BaseCheckpoint, targets: Mapping[str, TargetDelta], out_dir: Path,
                     *, max_shard_size: int, expected: BaseInfo | None = None,
-                    force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Write base + deltas as safetensors shards into ``out_dir`` (streaming path)."""
+                    force: bool = False, progress: Progress | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Write base + deltas as safetensors shards into ``out_dir`` (streaming path), floating
+    tensors cast to ``dtype`` first when given (the delta is then rounded once, into it)."""
     from sparsemerge.apply import add_delta_
+    from sparsemerge.formats.merged import ST_DTYPES
+
+    def out_dtype(st_dtype: str) -> str:
+        cast = dtype is not None and ST_DTYPES[st_dtype].is_floating_point
+        return ST_NAMES[dtype] if cast else st_dtype
 
     check_targets(ckpt, targets)
     order = sorted(ckpt.entries.items(), key=lambda kv: (str(kv[1].file), kv[1].start))
-    specs = [TensorSpec(name, st.dtype, st.shape) for name, st in order]
+    specs = [TensorSpec(name, out_dtype(st.dtype), st.shape) for name, st in order]
     plan = ShardPlan.plan(specs, max_shard_size)
     total, done = len(specs), 0
     hashes = expected.tensor_hashes if expected is not None else {}
@@ -66,6 +73,8 @@ def stream_backbone(ckpt: BaseCheckpoint, targets: Mapping[str, TargetDelta], ou
     def produce(spec: TensorSpec) -> torch.Tensor:
         nonlocal done, warned
         t = ckpt.read(ckpt.entries[spec.name])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         target = targets.get(spec.name)
         if target is not None:
             want = hashes.get(spec.name)
@@ -92,12 +101,14 @@ def stream_backbone(ckpt: BaseCheckpoint, targets: Mapping[str, TargetDelta], ou
 
 def load_and_save_backbone(ckpt: BaseCheckpoint, adapter: SparseAdapter, out_dir: Path, *,
                            max_shard_size: int, force: bool = False,
-                           progress: Progress | None = None) -> dict[str, Any]:
-    """Fallback: load the whole backbone, apply, ``save_pretrained`` (memory = the model)."""
+                           progress: Progress | None = None,
+                           dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Fallback: load the whole backbone (in ``dtype``, default the checkpoint's), apply,
+    ``save_pretrained`` (memory = the model)."""
     from sparsemerge.apply import apply
 
     check_targets(ckpt, adapter.targets)
-    model = ckpt.backbone_model()
+    model = ckpt.backbone_model("auto" if dtype is None else dtype)
     bare = SparseAdapter(targets=adapter.targets, base=adapter.base)
     apply(model, bare, force=force)
     # write the state dict with the same shard writer (save_pretrained refuses models loaded
@@ -145,15 +156,20 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
                       base: str | Path | None = None, gguf_file: str | None = None,
                       recipe: Mapping[str, Any] | None = None,
                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                      progress: Progress | None = None, card_info: Mapping[str, Any] | None = None
-                      ) -> dict[str, Any]:
+                      progress: Progress | None = None, card_info: Mapping[str, Any] | None = None,
+                      base_dtype: str = "auto") -> dict[str, Any]:
     """Write ``adapter`` (a merged adapter with one head per task) as a merged multi-head
     model directory at ``out``, atomically. ``base`` defaults to the base the adapters were
     trained on. Returns a report (files, shards, bytes, streamed or not, seconds)."""
     from sparsemerge._version import __version__
     from sparsemerge.card import merged_card
     from sparsemerge.formats.atomic import atomic_directory
-    from sparsemerge.models import adapter_base, load_tokenizer, resolve_pad_token_id
+    from sparsemerge.models import (
+        adapter_base,
+        load_kwargs,
+        load_tokenizer,
+        resolve_pad_token_id,
+    )
     from sparsemerge.task_heads import head_model
 
     t0 = time.perf_counter()
@@ -162,13 +178,16 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
         raise SparseMergeError("none of the merged adapters has a classification head, so "
                                "there is nothing to put under heads/; merge without --heads to "
                                "write a merged adapter")
-    for task in adapter.heads:
-        check_task_name(task)
+    check_task_names(adapter.heads, hint="; rename the head at merge time with NAME=PATH "
+                     "(merge --heads NAME=ADAPTER ...)")
     base, gguf_file = adapter_base(adapter, None if base is None else str(base), gguf_file)
+    dtype = None if base_dtype == "auto" else load_kwargs(base_dtype)["dtype"]
     ckpt = BaseCheckpoint(base, gguf_file)
     tok = load_tokenizer(base, gguf_file)
     pad = resolve_pad_token_id(tok)
     config = _backbone_config(ckpt, pad)
+    if dtype is not None:
+        config.dtype = dtype
     head_cfgs: dict[str, dict[str, Any]] = {}
     for task, head in adapter.heads.items():
         cfg = head_config(task, module=head.module, labels=head.labels,
@@ -186,11 +205,11 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
         if ckpt.streamable:
             report.update(stream_backbone(ckpt, adapter.targets, tmp, max_shard_size=limit,
                                           expected=adapter.base, force=force,
-                                          progress=progress))
+                                          progress=progress, dtype=dtype))
             config.save_pretrained(tmp)
         else:
             report.update(load_and_save_backbone(ckpt, adapter, tmp, max_shard_size=limit,
-                                                 force=force, progress=progress))
+                                                 force=force, progress=progress, dtype=dtype))
             config.save_pretrained(tmp)  # architectures = the backbone, pad id set
         ckpt.close()
         with quiet_transformers():

@@ -12,8 +12,9 @@ Defaults are tuned for the quickstart (MiniLM-L6, SST-2 subset, 2 CPU cores); se
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sparsemerge.errors import SparseMergeError
@@ -22,11 +23,57 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 IMPLS = ("fast", "autograd")
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", *COMPUTE_DTYPES)  # auto: the checkpoint's own dtype
+
+HEAD_LR_FACTOR = 5.0  # the head's default learning rate, in multiples of the method's
+
+
+def check_method_options(config: SparseConfig | TrainConfig) -> None:
+    """The checks of the options :class:`SparseConfig` and :class:`TrainConfig` share."""
+    if not 0.0 < float(config.density) <= 1.0:
+        raise SparseMergeError(f"--density: must be in (0, 1], got {config.density}")
+    if config.impl not in IMPLS:
+        raise SparseMergeError(f"--impl: must be one of {', '.join(IMPLS)}, "
+                               f"got {config.impl!r}")
+    if not 0 <= config.seed < 2**63:
+        raise SparseMergeError(f"--seed: must be in [0, 2**63), got {config.seed}")
+
+
+@dataclass
+class SparseConfig:
+    """What an adapter trains: the method and its options (``get_sparse_model``'s config).
+
+    The CLI trainer builds it from its :class:`TrainConfig` (``TrainConfig.sparse()``).
+    Options of one method go in ``method_params`` (``-p`` on the CLI), checked against the
+    method's declaration when the method is built.
+    """
+
+    method: str = "sparta"  # sparta, rigsa, partial-lora, lora, full, head
+    density: float = 0.005  # share of each target's entries that is trainable (sparse methods)
+    targets: str | None = None  # regex over backbone weight names; None = every linear layer
+    seed: int = 0  # masks, seeded inits and the head's init
+    method_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"rounds": 3}
+    task_name: str = "task"  # the head's name in the saved adapter (merge --heads uses it)
+    impl: str = "fast"  # sparse-delta implementation: fast (SDDMM) or autograd (oracle)
+    quiet: bool = False  # no log lines (RIGSA's pruning rounds)
+
+    def __post_init__(self) -> None:
+        from sparsemerge.formats.merged import check_task_name
+
+        check_method_options(self)
+        check_task_name(self.task_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 # Options that may differ between a run and its resumption (they do not change the result;
 # ``device`` only its rounding: a run moved to another device resumes, not bit-exactly).
 RESUME_FREE = frozenset({"resume", "quiet", "checkpoint_steps", "checkpoint_dir", "output",
                          "eval_batch_size", "device"})
+# Fields that ``sparsemerge train`` has no flag for (Python API only): errors name them as
+# ``TrainConfig.<field>``, every other field as its ``--flag`` (checked by a test).
+API_ONLY = frozenset({"drop_long", "max_train_examples", "grad_clip", "eval_batch_size"})
 
 
 @dataclass
@@ -52,10 +99,11 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     labels: list[str] | None = None  # class names in id order; None = sorted unique labels
-    task_name: str | None = None  # name of the head; default: task or the train file's stem
+    task_name: str | None = None  # name of the head; default: see head_name()
     skip_bad_rows: bool = False
-    max_length: int = 128  # tokens; longer training examples are dropped (drop_long)
-    drop_long: bool = True  # False: truncate instead (evaluation always truncates)
+    no_header: bool = False  # CSV/TSV files have no header row: columns are 0-based indexes
+    max_length: int = 128  # tokens; longer training examples are truncated, end kept
+    drop_long: bool = False  # True: drop them instead (evaluation always truncates)
     max_train_examples: int | None = None  # use only the first N training rows
 
     # -- optimisation -----------------------------------------------------------------------
@@ -69,7 +117,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
     impl: str = "fast"  # sparse-delta implementation: fast (SDDMM) or autograd (oracle)
     device: str = "auto"  # cpu, cuda or auto (CUDA when available); per rank: cuda:LOCAL_RANK
-    dtype: str = "fp32"  # compute dtype: bf16 / fp16 autocast; weights and values stay fp32
+    dtype: str = "fp32"  # compute dtype: bf16 / fp16 autocast (see docs/NUMERICS.md)
+    base_dtype: str = "auto"  # dtype the frozen base is loaded in; auto = the checkpoint's
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
 
     # -- evaluation and stopping ------------------------------------------------------------
     eval_steps: int | None = None  # evaluate every N steps; None = at the end of each epoch
@@ -90,7 +141,13 @@ class TrainConfig:
     # -- derived ----------------------------------------------------------------------------
     @property
     def head_learning_rate(self) -> float:
-        return self.head_lr if self.head_lr is not None else 5.0 * self.lr
+        return self.head_lr if self.head_lr is not None else HEAD_LR_FACTOR * self.lr
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step and process: ``grad_accum`` micro-batches of
+        ``batch_size``."""
+        return self.batch_size * self.grad_accum
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -104,11 +161,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise SparseMergeError naming the first invalid option."""
         def bad(opt: str, msg: str) -> SparseMergeError:
-            return SparseMergeError(f"--{opt.replace('_', '-')}: {msg}")
+            name = f"TrainConfig.{opt}" if opt in API_ONLY else f"--{opt.replace('_', '-')}"
+            return SparseMergeError(f"{name}: {msg}")
 
-        if not 0.0 < float(self.density) <= 1.0:
-            raise bad("density", f"must be in (0, 1], got {self.density}")
-        for opt in ("lr", "batch_size", "max_length", "eval_batch_size"):
+        check_method_options(self)
+        for opt in ("lr", "batch_size", "max_length", "eval_batch_size", "grad_accum"):
             if not getattr(self, opt) > 0:
                 raise bad(opt, f"must be positive, got {getattr(self, opt)}")
         if self.head_lr is not None and self.head_lr < 0:
@@ -126,18 +183,17 @@ class TrainConfig:
                 raise bad(opt, f"must be >= 1, got {v}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise bad("grad_clip", f"must be > 0 (or unset), got {self.grad_clip}")
-        if self.impl not in IMPLS:
-            raise bad("impl", f"must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise bad("dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}, "
                                f"got {self.dtype!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise bad("base_dtype", f"must be one of {', '.join(BASE_DTYPES)}, "
+                                    f"got {self.base_dtype!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise bad("save_dtype", f"must be one of {', '.join(SAVE_DTYPES)}, "
                                     f"got {self.save_dtype!r}")
-        if not 0 <= self.seed < 2**63:
-            raise bad("seed", f"must be in [0, 2**63), got {self.seed}")
         if self.task is None and self.train_file is None:
             raise SparseMergeError("no training data: pass --task (sst2, cola, mrpc, ...) or "
                                    "--train-file with --text-column and --label-column")
@@ -149,11 +205,33 @@ class TrainConfig:
         if self.task is None and self.data_dir is not None:
             raise SparseMergeError("--data-dir goes with --task (a preset); with --train-file "
                                    "give the file's path")
+        if self.task_name is not None:
+            from sparsemerge.formats.merged import check_task_name
+
+            try:
+                check_task_name(self.task_name)
+            except SparseMergeError as exc:
+                raise bad("task_name", str(exc)) from None
         if self.label_tokens is not None and not all(t for t in self.label_tokens):
             raise bad("label_tokens", "must be non-empty tokens, e.g. 'No,Yes'")
         if self.resume and self.checkpoint_path is None:
             raise bad("resume", "needs --checkpoint-dir or an output (-o) to find the "
                                 "checkpoint in")
+
+    def sparse(self) -> SparseConfig:
+        """The run's adapter options: what the trainer passes to ``get_sparse_model``."""
+        return SparseConfig(method=self.method, density=self.density, targets=self.targets,
+                            seed=self.seed, method_params=self.method_params,
+                            task_name=self.head_name()[0], impl=self.impl, quiet=self.quiet)
+
+    def head_name(self) -> tuple[str, str]:
+        """(the task's head name, where it comes from): ``task_name`` when set, else the
+        preset ``task``, else :func:`file_task_name` of ``train_file``."""
+        if self.task_name is not None:
+            return self.task_name, "--task-name"
+        if self.task is not None:
+            return self.task, "the preset task"
+        return file_task_name(str(self.train_file))
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -174,3 +252,44 @@ class TrainConfig:
         """Options (other than RESUME_FREE ones) whose values differ."""
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if k not in RESUME_FREE and a[k] != b[k]]
+
+
+# Stems that say which split or what kind of file, not which task: a file called like this
+# is named after its folder (``news/train.tsv`` -> ``news``), as are these folders' files.
+GENERIC_NAMES = frozenset({
+    "train", "training", "dev", "development", "test", "testing", "valid", "validation",
+    "val", "eval", "evaluation", "data", "dataset", "datasets", "all", "full", "sample",
+    "samples", "example", "examples", "split", "splits", "raw", "processed", "clean", "input",
+    "inputs", "file", "files", "text", "texts", "tmp", "temp", "out", "output",
+})
+_SPLIT_SUFFIX = re.compile(r"([a-z]+)(?:[-_. ]?\d+(?:[-_]of[-_]\d+)?)?")
+
+
+def is_generic_name(name: str) -> bool:
+    """``train``, ``dev``, ``data``, ``test_2``, ``train-00000-of-00001``...: names that say
+    nothing about the task (see :data:`GENERIC_NAMES`)."""
+    m = _SPLIT_SUFFIX.fullmatch(name.strip().lower())
+    return m is not None and m.group(1) in GENERIC_NAMES
+
+
+def file_task_name(train_file: str) -> tuple[str, str]:
+    """(task name, where it comes from) for a training file: the file's stem (the name up
+    to its first dot), unless that is generic (``train.tsv``), then the nearest folder above
+    it whose name is not (``news/data/train.tsv`` -> ``news``; for ``hf://owner/repo/...``
+    the repository counts as a folder)."""
+    from sparsemerge.formats.merged import task_name_problem
+
+    def usable(name: str) -> bool:
+        return bool(name) and not is_generic_name(name) and task_name_problem(name) is None
+
+    hub = train_file.startswith("hf://")
+    path = PurePosixPath(train_file[len("hf://"):]) if hub else Path(train_file).resolve()
+    stem = path.name.split(".")[0]
+    if usable(stem):
+        return stem, f"the name of {path.name}"
+    for folder in path.parents:
+        name = folder.name.split("@")[0] if hub else folder.name
+        if usable(name):
+            return name, f"the folder {name} ({path.name} is a generic file name)"
+    fallback = stem if task_name_problem(stem) is None else "task"
+    return fallback, f"the name of {path.name}"

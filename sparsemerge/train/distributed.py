@@ -7,9 +7,9 @@ environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
 and :func:`sparsemerge.train.loop.train` need no distributed flag: the same command runs alone
 or under a launcher. A group created by the caller is used as is and left alone.
 
-``--dtype`` is an *autocast* dtype: weights, trainable values and optimizer state stay fp32
-(the fast sparse path keeps ``W0 + delta`` in the fp32 weight; autocast rounds it for the
-matmuls), activations and matmuls run in bf16 / fp16. fp16 adds a gradient scaler (its range
+``--dtype`` is an *autocast* dtype: trainable values and optimizer state stay fp32, the base
+weights stay in ``--base-dtype`` (autocast rounds fp32 weights for the matmuls), activations
+and matmuls run in bf16 / fp16 (docs/NUMERICS.md). fp16 adds a gradient scaler (its range
 is too small for unscaled gradients); bf16 needs none.
 """
 

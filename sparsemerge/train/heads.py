@@ -7,8 +7,11 @@ Initialisation (``init_head``):
   row i of the head is a copy of the vocabulary (LM-head) row of token i, so the untrained
   model already scores the labels as the chat model would answer them. The head is a new
   tensor, never tied to the input embeddings. For a model with tied embeddings the LM head
-  *is* the input embedding matrix; otherwise the LM head is read from the causal-LM
-  checkpoint of the same base.
+  *is* the input embedding matrix; otherwise just those rows are read from the base's
+  checkpoint (a safetensors slice or the GGUF ``output.weight`` tensor), never a second model.
+
+The head trains in fp32 whatever the base dtype (:func:`fp32_head`): on a bf16 / fp16 base
+its parameters are the fp32 master weights and its input is cast up (docs/NUMERICS.md).
 """
 
 from __future__ import annotations
@@ -64,25 +67,38 @@ def _lm_head_rows(model: nn.Module, ids: list[int], base, gguf_file) -> torch.Te
     tied = tied or getattr(text_cfg, "tie_word_embeddings", False)
     if tied:
         emb = backbone_of(model).get_input_embeddings().weight
-        return emb.detach()[ids].to(torch.float32).clone()
-    from transformers import AutoModelForCausalLM
+        return emb.detach()[ids].to(torch.float32).cpu()
+    from sparsemerge.checkpoint import BaseCheckpoint
 
-    from sparsemerge.models import _from_pretrained
+    ckpt = BaseCheckpoint(base, gguf_file)
+    try:
+        return ckpt.lm_head_rows(ids).to(torch.float32)
+    finally:
+        ckpt.close()
 
-    lm = _from_pretrained(AutoModelForCausalLM, base, gguf_file, dtype=torch.float32)
-    out = lm.get_output_embeddings()
-    if out is None:
-        raise SparseMergeError("--label-tokens: the base model has no language-model head to "
-                               "take the label rows from")
-    rows = out.weight.detach()[ids].to(torch.float32).clone()
-    del lm
-    return rows
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def fp32_head(model: nn.Module) -> None:
+    """Keep the head in fp32 on a half-precision base: its parameters become the fp32 master
+    weights the optimizer updates (AdamW on bf16 parameters would lose most small updates to
+    rounding), and a pre-hook casts its input (the backbone's half-precision hidden states)
+    up to match. A no-op on an fp32 head."""
+    _, head = head_of(model)
+    if all(p.dtype == torch.float32 for p in head.parameters()):
+        return
+    head.float()
+    head.register_forward_pre_hook(_inputs_to_fp32)
 
 
 @torch.no_grad()
 def init_head(model: nn.Module, *, seed: int, label_tokens: list[str] | None = None,
               tokenizer=None, base=None, gguf_file: str | None = None) -> None:
-    """Initialise the head's output layer in place (see the module docstring)."""
+    """Make the head fp32 (:func:`fp32_head`) and initialise its output layer in place (see
+    the module docstring)."""
+    fp32_head(model)
     _, head = head_of(model)
     layer = output_layer(head)
     n_out, hidden = layer.weight.shape

@@ -3,7 +3,8 @@
 Read it top to bottom: ``setup`` builds a run (tokenizer, data, task model and head, the
 method's trainable parameters, optimizer), ``train_step`` is one optimizer step (the benchmark
 times exactly this), and ``train`` runs epochs with evaluation, early stopping, checkpoints and
-the final save.
+the final save. The method is attached, stepped and exported through the API users train
+with in their own loops (``get_sparse_model``'s :class:`SparseModel`): one implementation.
 
 Determinism. With the same config (seed) a run is a pure function of its inputs: the data
 order of epoch ``e`` is a permutation seeded by ``(seed, e)`` (``data.batches``); the head
@@ -36,8 +37,8 @@ Devices. ``config.device`` places the model (``cuda:LOCAL_RANK`` per rank) and
 
 from __future__ import annotations
 
+import contextlib
 import math
-import re
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -56,9 +57,6 @@ from sparsemerge.data.tasks import TASKS, load_task
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.models import (
     DEMO_BASE_ID,
-    backbone_of,
-    base_info,
-    default_targets,
     load_task_model,
     load_tokenizer,
     resolve_pad_token_id,
@@ -73,8 +71,9 @@ from sparsemerge.train.distributed import (
     process_group,
     resolve_device,
 )
-from sparsemerge.train.heads import export_head, head_parameters, init_head
+from sparsemerge.train.heads import head_parameters, init_head
 from sparsemerge.train.methods import Method, get_method
+from sparsemerge.train.sparse_model import SparseModel
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_VERSION = 2  # 2: one RNG state per rank and the world size (1: one process)
@@ -88,14 +87,12 @@ class Run:
     model: nn.Module  # the task model (backbone + head)
     forward: nn.Module  # what the step calls: the model, or DDP(model)
     tokenizer: Any
-    method: Method
+    sparse: SparseModel  # the method attached to ``model`` (``get_sparse_model``)
     task: str
     labels: list[str]
     train_data: dict  # encoded
     dev_data: dict | None  # encoded (truncated, never dropped)
     data_info: dict[str, Any]
-    target_names: list[str]
-    base: BaseInfo
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int
     total_steps: int
@@ -109,6 +106,18 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def method(self) -> Method:
+        return self.sparse.require_method()
+
+    @property
+    def target_names(self) -> list[str]:
+        return self.sparse.target_names
+
+    @property
+    def base(self) -> BaseInfo:
+        return self.sparse.base
 
     def autocast(self) -> AbstractContextManager:
         """The forward's autocast context (``config.dtype``; nothing for fp32)."""
@@ -142,12 +151,6 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ data
 
 
-def _task_name(config: TrainConfig) -> str:
-    name = config.task_name or config.task or Path(config.train_file).name.split(".")[0]
-    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", name).strip("_")
-    return name or "task"
-
-
 def load_data(config: TrainConfig) -> tuple[LabeledData, LabeledData | None]:
     """(train, dev or None) as the config describes them."""
     if config.task is not None:
@@ -162,7 +165,7 @@ def load_data(config: TrainConfig) -> tuple[LabeledData, LabeledData | None]:
         train = read_table(config.train_file, text_column=config.text_column,
                            text_pair_column=config.text_pair_column,
                            label_column=config.label_column, labels=config.labels,
-                           skip_bad_rows=config.skip_bad_rows)
+                           skip_bad_rows=config.skip_bad_rows, has_header=not config.no_header)
         dev = None
     if config.eval_file is not None:
         dev = read_table(config.eval_file,
@@ -171,7 +174,8 @@ def load_data(config: TrainConfig) -> tuple[LabeledData, LabeledData | None]:
                          text_pair_column=config.text_pair_column,
                          label_column=config.label_column or (TASKS[config.task].label_column
                                                               if config.task else None),
-                         labels=train.labels, skip_bad_rows=config.skip_bad_rows)
+                         labels=train.labels, skip_bad_rows=config.skip_bad_rows,
+                         has_header=not config.no_header)
     if config.max_train_examples is not None:
         train = train.select(range(min(config.max_train_examples, len(train))))
     if len(train.labels) < 2:
@@ -202,25 +206,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_optimizer(run_or_method: Method, model: nn.Module, config: TrainConfig
-                    ) -> torch.optim.Optimizer:
-    """AdamW over the method's groups (lr, weight decay default to the config's) and the head
-    (``head_lr``; weight decay on its weights, none on biases)."""
-    groups = []
-    for g in run_or_method.param_groups():
-        g = dict(g)
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-        g.setdefault("lr", config.lr)
-        g.setdefault("weight_decay", config.weight_decay)
-        if g["params"]:
-            groups.append(g)
-    head = [(n, p) for n, p in head_parameters(model) if p.requires_grad]
-    decay = [p for n, p in head if p.dim() > 1]
-    no_decay = [p for n, p in head if p.dim() <= 1]
-    for name, params, wd in (("head", decay, config.weight_decay), ("head_bias", no_decay, 0.0)):
-        if params:
-            groups.append({"params": params, "lr": config.head_learning_rate,
-                           "weight_decay": wd, "name": name})
+def build_optimizer(sparse: SparseModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``sparse.param_groups`` at the config's learning rates and weight decay;
+    each group's ``initial_lr`` is what the schedule scales (``train_step``)."""
+    groups = sparse.param_groups(config.lr, head_lr=config.head_learning_rate,
+                                 weight_decay=config.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -239,6 +229,18 @@ def _settle(model: nn.Module, batch: dict[str, torch.Tensor],
         model(**batch)
 
 
+def _checkpoint_activations(model: nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing, non-reentrant: the frozen embeddings'
+    output needs no gradient for the layers' trainable tensors to get one. The v5 name when
+    present, else the v4 one."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` reducing only the trainable parameters (see the
     module docstring for why frozen weights and buffers are not broadcast)."""
@@ -251,12 +253,11 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
                                    broadcast_buffers=False)
 
 
-def _rebuild(run: Run) -> None:
-    """After the method changed its trainable tensors: a new optimizer (and DDP wrapper)."""
-    run.optimizer = build_optimizer(run.method, run.model, run.config)
+def _rewrap(run: Run) -> None:
+    """After the method replaced its trainable tensors (``SparseModel.sync_optimizer`` put
+    them in the optimizer): a new DDP wrapper, which reduces the new ones."""
     if run.world_size > 1:
         run.forward = _wrap(run.model, run.device)
-    run.method.rebuild_optimizer = False
 
 
 def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | None = None,
@@ -264,13 +265,17 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
     """Build everything a run needs; nothing is trained yet.
 
     ``method`` overrides the registry lookup of ``config.method`` (an instance built on
-    ``config``), e.g. for a method defined outside the package.
+    ``config.sparse()``), e.g. for a method defined outside the package. The method is
+    attached, stepped and exported through ``get_sparse_model``'s :class:`SparseModel`.
     """
     rank, world_size = _dist(rank, world_size)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    sparse_config = config.sparse()
     if method is None:
-        method = get_method(config.method)(config)  # validates the method's params first
+        method = get_method(config.method)(sparse_config)  # validates its params first
+    method.check_schedule(epochs=config.epochs, max_steps=config.max_steps,
+                          early_stopping=config.patience is not None)
 
     # Data and tokenizer.
     tokenizer = load_tokenizer(config.base, config.gguf_file)
@@ -286,7 +291,8 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
                                f"{world_size} processes")
     data_info = {
         "train": {"source": train.source, "examples": len(train_enc["labels"]),
-                  "skipped_bad_rows": train.skipped, "dropped_long": n_long,
+                  "skipped_bad_rows": train.skipped, "truncated_long": n_long.truncated,
+                  "dropped_long": n_long.dropped,
                   "label_counts": train.label_counts()},
         "labels": list(train.labels),
     }
@@ -294,70 +300,91 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
         data_info["dev"] = {"source": dev.source, "examples": len(dev),
                             "skipped_bad_rows": dev.skipped}
 
-    # Task model: frozen backbone, fresh head (initialised as the SpaRTA paper does).
+    # Task model with a fresh head (initialised as the SpaRTA paper does, or from label
+    # tokens); the SparseModel freezes everything else and attaches the method.
+    # Loaded in its own dtype (--base-dtype) straight onto the device: no fp32 copy anywhere.
     model = load_task_model(config.base, list(train.labels), gguf_file=config.gguf_file,
+                            dtype=config.base_dtype, device=device,
                             pad_token_id=resolve_pad_token_id(tokenizer))
-    backbone = backbone_of(model)
-    target_names = default_targets(backbone, config.targets) if method.uses_targets else []
-    model_id = DEMO_BASE_ID if config.base is None else str(config.base)
-    base = base_info(backbone, model_id, target_names)
-    model.requires_grad_(False)
     init_head(model, seed=config.seed, label_tokens=config.label_tokens, tokenizer=tokenizer,
               base=config.base, gguf_file=config.gguf_file)
-    for _, p in head_parameters(model):
-        p.requires_grad_(True)
-    model.to(device)  # before the method attaches (its fp32 values live on the weight's device)
+    model_id = DEMO_BASE_ID if config.base is None else str(config.base)
 
     def sample_batches() -> Iterator[dict]:
-        for b in batches(train_enc, config.batch_size, True, config.seed, 0, rank, world_size):
+        for b in batches(train_enc, config.effective_batch_size, True, config.seed, 0, rank,
+                         world_size):
             yield b if device.type == "cpu" else {k: v.to(device) for k, v in b.items()}
 
-    method.prepare(model, target_names, config, batches=sample_batches)
-    _settle(model, next(sample_batches()), autocast(device, config.dtype))
+    sparse = SparseModel(model, sparse_config, method=method, batches=sample_batches(),
+                         init_head=False, base_id=model_id)
+    if config.gradient_checkpointing:
+        _checkpoint_activations(model)
+    _settle(model, micro_batches(next(sample_batches()), config.grad_accum)[0],
+            autocast(device, config.dtype))
 
     forward: nn.Module = model
     if world_size > 1:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise SparseMergeError("world_size > 1 needs torch.distributed initialised "
                                    "(run under torchrun / accelerate launch)")
-        prints = set(all_gather(base.fingerprint))
+        prints = set(all_gather(sparse.base.fingerprint))
         if len(prints) > 1:
             raise SparseMergeError(f"the ranks loaded different weights for base {model_id} "
                                    f"(fingerprints {', '.join(sorted(prints))}): every process "
                                    "must read the same base")
         forward = _wrap(model, device)
 
-    steps_per_epoch = num_batches(len(train_enc["labels"]), config.batch_size, world_size)
+    steps_per_epoch = num_batches(len(train_enc["labels"]), config.effective_batch_size,
+                                  world_size)
     total = config.max_steps or config.epochs * steps_per_epoch
-    optimizer = build_optimizer(method, model, config)
-    run = Run(config=config, model=model, forward=forward, tokenizer=tokenizer, method=method,
-              task=_task_name(config), labels=list(train.labels), train_data=train_enc,
-              dev_data=dev_enc, data_info=data_info, target_names=target_names, base=base,
-              optimizer=optimizer, steps_per_epoch=steps_per_epoch, total_steps=total,
-              warmup_steps=round(config.warmup_ratio * total), rank=rank,
-              world_size=world_size, device=device, scaler=grad_scaler(device, config.dtype))
+    run = Run(config=config, model=model, forward=forward, tokenizer=tokenizer, sparse=sparse,
+              task=config.head_name()[0], labels=list(train.labels), train_data=train_enc,
+              dev_data=dev_enc, data_info=data_info, optimizer=build_optimizer(sparse, config),
+              steps_per_epoch=steps_per_epoch, total_steps=total,
+              warmup_steps=round(config.warmup_ratio * total), rank=rank, world_size=world_size,
+              device=device, scaler=grad_scaler(device, config.dtype))
     return run
 
 
 # ------------------------------------------------------------------------------------ step
 
 
+def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into ``n`` consecutive slices of rows (``--grad-accum``; fewer when it
+    has fewer rows), each padded as the whole batch was."""
+    rows = int(batch["labels"].shape[0])
+    k = min(n, rows)
+    return [{key: v[i * rows // k:(i + 1) * rows // k] for key, v in batch.items()}
+            for i in range(k)]
+
+
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """One optimizer step on ``batch`` (this rank's share of the global batch); returns
-    (this rank's mean loss, its number of correct predictions)."""
+    """One optimizer step on ``batch`` (this rank's share of the global batch) in
+    ``grad_accum`` micro-batches; returns (this rank's mean loss, its number of correct
+    predictions)."""
     cfg, opt, scaler = run.config, run.optimizer, run.scaler
     factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * factor
     batch = run.to_device(batch)
     run.forward.train()
-    with run.autocast():
-        out = run.forward(**batch)
-    loss = out.loss
-    if run.world_size > 1:  # DDP averages over ranks: weight by this rank's share of rows
-        n = batch["labels"].numel()
-        loss = loss * (n * run.world_size / all_sum([float(n)], run.device)[0])
-    (loss if scaler is None else scaler.scale(loss)).backward()
+    n = batch["labels"].numel()
+    total = all_sum([float(n)], run.device)[0] if run.world_size > 1 else float(n)
+    parts = micro_batches(batch, cfg.grad_accum)
+    loss_sum, correct = 0.0, 0
+    for i, part in enumerate(parts):
+        m = part["labels"].numel()
+        # DDP all-reduces gradients on the last micro-batch's backward only.
+        last = i + 1 == len(parts) or run.world_size == 1
+        with contextlib.nullcontext() if last else run.forward.no_sync():
+            with run.autocast():
+                out = run.forward(**part)
+            # Each micro-batch weighs its share of the global batch (DDP averages over
+            # ranks), so the summed gradient is the whole batch's mean-loss gradient.
+            loss = out.loss * (m * run.world_size / total)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        loss_sum += float(out.loss.detach()) * m
+        correct += int((out.logits.detach().argmax(-1) == part["labels"]).sum())
     if cfg.grad_clip is not None:
         if scaler is not None:
             scaler.unscale_(opt)
@@ -369,12 +396,10 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         scaler.step(opt)
         scaler.update()
     opt.zero_grad(set_to_none=True)
-    run.method.after_step()
-    if run.method.rebuild_optimizer:  # e.g. RIGSA pruned after round_steps steps
-        _rebuild(run)
+    if run.sparse.after_step(opt):  # e.g. RIGSA pruned after round_steps steps
+        _rewrap(run)
     run.step += 1
-    correct = int((out.logits.detach().argmax(-1) == batch["labels"]).sum())
-    return float(out.loss.detach()), correct
+    return loss_sum / n, correct
 
 
 def evaluate(run: Run) -> dict[str, float] | None:
@@ -467,8 +492,8 @@ def load_checkpoint(run: Run, path: Path) -> tuple[dict, dict]:
         raise SparseMergeError(f"--resume: the options differ from the checkpointed run's: "
                                f"{shown}; resume with the same options")
     run.method.load_state_dict(blob["method"])
-    if run.method.rebuild_optimizer:
-        _rebuild(run)
+    if run.sparse.sync_optimizer(run.optimizer):
+        _rewrap(run)
     _restore(run, blob["params"])
     run.optimizer.load_state_dict(blob["optimizer"])
     for g in run.optimizer.param_groups:  # lr is recomputed from the step; keep initial_lr
@@ -548,8 +573,9 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
     bar.log(f"{cfg.method}: {run.method.num_trainable():,} trainable entries in "
             f"{len(run.target_names)} tensors + head "
             f"{sum(p.numel() for _, p in head_parameters(run.model)):,}; "
-            f"{info['examples']:,} training examples ({info['dropped_long']} longer than "
-            f"{cfg.max_length} tokens dropped, {info['skipped_bad_rows']} bad rows skipped); "
+            f"{info['examples']:,} training examples ({info['truncated_long']} truncated and "
+            f"{info['dropped_long']} dropped for being longer than {cfg.max_length} tokens, "
+            f"{info['skipped_bad_rows']} bad rows skipped); "
             f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps")
 
     # Loop state: everything a checkpoint must carry besides parameters and optimizer.
@@ -603,8 +629,8 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
                             state)
 
     while run.step < run.total_steps and not state["stopped"]:
-        for i, batch in enumerate(batches(run.train_data, cfg.batch_size, True, cfg.seed,
-                                          epoch, run.rank, run.world_size)):
+        for i, batch in enumerate(batches(run.train_data, cfg.effective_batch_size, True,
+                                          cfg.seed, epoch, run.rank, run.world_size)):
             if i < skip:  # resuming inside this epoch: same order, skip what was done
                 continue
             loss, correct = train_step(run, batch)
@@ -623,9 +649,8 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
                     and run.step % cfg.checkpoint_steps == 0):
                 checkpoint(i + 1)
         else:  # the epoch ran to its end
-            run.method.end_of_epoch(epoch)
-            if run.method.rebuild_optimizer:
-                _rebuild(run)
+            if run.sparse.end_of_epoch(epoch, run.optimizer):
+                _rewrap(run)
             if cfg.eval_steps is None:
                 do_eval()
             epoch, skip = epoch + 1, 0
@@ -660,30 +685,20 @@ def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -
     hp = {k: v for k, v in cfg.to_dict().items()
           if k not in ("output", "resume", "quiet", "checkpoint_dir", "checkpoint_steps",
                        "device")}
-    hp["method_params"] = dict(run.method.hparams)
     hp["datasets"] = [cfg.task if cfg.task else str(cfg.train_file)]
     hp["head"] = run.task
     hp["head_lr"] = cfg.head_learning_rate
     extra = {
         "training": {"steps": run.step, "epochs": run.step / run.steps_per_epoch,
                      "wall_time_s": round(wall, 2), "stopped_early": bool(state["stopped"]),
-                     "trainable": run.method.num_trainable(), "world_size": run.world_size,
-                     "torch": torch.__version__, **run.method.info()},
+                     "world_size": run.world_size, **run.sparse.info()},
         "data": run.data_info,
         "history": state["history"],
     }
     dev_metrics = {k: v for k, v in metrics.items()}
     if dev_metrics and run.config.task in TASKS:
         dev_metrics["task_metric"] = TASKS[run.config.task].metrics[0]
-    return SparseAdapter(
-        targets=run.method.export(),
-        base=run.base,
-        heads={run.task: export_head(run.model, run.labels)},
-        method=cfg.method,
-        hyperparameters=hp,
-        metrics=dev_metrics,
-        extra=extra,
-    )
+    return run.sparse.export(metrics=dev_metrics, hyperparameters=hp, extra=extra)
 
 
 __all__ = ["Run", "TrainResult", "build_adapter", "evaluate", "load_data", "lr_factor",

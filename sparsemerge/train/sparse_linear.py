@@ -75,8 +75,10 @@ Precision
 each sync writes ``(orig + gate * values).to(weight.dtype)`` (round to nearest even): a delta
 smaller than half an ulp of ``W0`` at that entry does not show in the forward yet, but it keeps
 accumulating in fp32 (its gradient does not depend on the rounding) and appears once large
-enough. The SDDMM is computed in fp32. Attach after casting/moving the model: ``model.to()``
-afterwards would also cast the values.
+enough. The SDDMM is computed in fp32 (both operands cast up per layer, transiently). The
+input is saved for backward in the compute dtype (autocast's, else the input's own): bf16 on a
+bf16 base or under bf16 autocast. Attach after casting/moving the model: ``model.to()``
+afterwards would also cast the values. See docs/NUMERICS.md.
 
 Integration
 -----------
@@ -117,16 +119,30 @@ GATE_ATTR = "sparse_delta_gate"
 _MARK = "_sparse_delta_target"
 
 
-def _t_f32(a: torch.Tensor) -> torch.Tensor:
-    """``a.t()`` as a contiguous fp32 tensor (one copy, cast fused in).
+def _t_as(a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a.t()`` as a contiguous ``dtype`` tensor (one copy, cast fused in).
 
-    Not ``a.t().to(torch.float32, memory_format=torch.contiguous_format)``: for an fp32
-    input ``.to`` returns the non-contiguous view unchanged and ``sampled_addmm`` would then
-    transpose internally, on every call.
+    Not ``a.t().to(dtype, memory_format=torch.contiguous_format)`` alone: when ``a`` already
+    has that dtype ``.to`` returns the non-contiguous view unchanged and ``sampled_addmm``
+    would then transpose internally, on every call.
     """
-    if a.dtype == torch.float32:
+    if a.dtype == dtype:
         return a.t().contiguous()
-    return a.t().to(torch.float32, memory_format=torch.contiguous_format)
+    return a.t().to(dtype, memory_format=torch.contiguous_format)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the forward's matmul runs in: autocast's when it is on for ``x``'s device,
+    else ``x``'s own. The input is saved for backward in it (an fp32 activation under bf16
+    autocast is kept in bf16: half the memory, and the values the matmul really used)."""
+    dev = x.device.type
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        on, dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    elif dev == "cpu":
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:
+        on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if on else x.dtype
 
 
 def _f32(a: torch.Tensor) -> torch.Tensor:
@@ -167,11 +183,11 @@ class _TransposeCache:
         self.src: torch.Tensor | None = None
         self.xt: torch.Tensor | None = None
 
-    def get(self, x2: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        key = (base.data_ptr(), base._version, tuple(x2.shape), x2.stride(), x2.dtype)
+    def get(self, x2: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (base.data_ptr(), base._version, tuple(x2.shape), x2.stride(), x2.dtype, dtype)
         if self.key == key and self.xt is not None:
             return self.xt
-        xt = x2.t().contiguous()
+        xt = _t_as(x2, dtype)
         self.key, self.src, self.xt = key, base, xt
         return xt
 
@@ -194,16 +210,17 @@ def _linear_feature_major(x: torch.Tensor, weight: torch.Tensor,
     return yt.t().view(*x.shape[:-1], weight.shape[0])
 
 
-def _transposed_input(target: SparseDeltaTarget, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(X^T contiguous (in, T) in x's dtype, x is features-major)``, made in the forward while
-    ``x`` is still in cache and saved *instead of* ``x`` (same memory: the backward needs
-    nothing else from ``x``). Free for a features-major ``x``; shared between targets that
-    read the same ``x``."""
+def _transposed_input(target: SparseDeltaTarget, x: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """``(X^T contiguous (in, T) in ``dtype``, x is features-major)``, made in the forward
+    while ``x`` is still in cache and saved *instead of* ``x`` (same memory or less: the
+    backward needs nothing else from ``x``). Free for a features-major ``x`` of that dtype;
+    shared between targets that read the same ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
     if _is_feature_major(x2):
-        return x2.t(), True
+        return x2.t().to(dtype), True
     cache = target._xt_cache
-    return (x2.t().contiguous() if cache is None else cache.get(x2, x)), False
+    return (_t_as(x2, dtype) if cache is None else cache.get(x2, x, dtype)), False
 
 
 def _sddmm(target: SparseDeltaTarget, gyt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -223,7 +240,7 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, gate, target):
         module = target.module
-        xt, x_fm = _transposed_input(target, x)
+        xt, x_fm = _transposed_input(target, x, _compute_dtype(x))
         ctx.target, ctx.x_shape, ctx.x_fm = target, x.shape, x_fm
         ctx.save_for_backward(xt, values, gate)
         if target.feature_major_out:
@@ -241,7 +258,7 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
         need_x, need_v, need_g = ctx.needs_input_grad[:3]
         out_f = weight.shape[0]
         gy2 = gy.reshape(-1, out_f)  # a view for natural and features-major layouts alike
-        gyt = _t_f32(gy2) if (need_v or need_g) else None  # (out, T), free if gy is f-major
+        gyt = _t_as(gy2) if (need_v or need_g) else None  # (out, T), free if gy is f-major
         gx = gv = gg = None
         if need_x:
             if (gyt is not None and ctx.x_fm and target.layouts

@@ -131,7 +131,7 @@ def check_merged(m: Any) -> None:
     tasks = m.recipe["tasks"]
     assert list(m.heads) == tasks and len(set(tasks)) == len(tasks)
     for task, h in m.heads.items():
-        assert mf.TASK_NAME.match(task)
+        assert mf.task_name_problem(task) is None, repr(task)
         labels = h.labels
         assert labels and all(isinstance(x, str) for x in labels)
         for x in labels:

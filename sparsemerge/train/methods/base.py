@@ -2,12 +2,15 @@
 
 A method declares, in one place (``name``, ``summary``, ``reference``, ``params``), what it
 is and which options it takes; the CLI help, option validation and the adapter's metadata are
-derived from that declaration. The loop (``sparsemerge.train.loop``) owns everything else:
-data, the task model and its head, the optimizer and schedule, evaluation, checkpoints.
+derived from that declaration. A method is driven by :class:`~sparsemerge.train.sparse_model.
+SparseModel` (``get_sparse_model``), which the user's own loop or the CLI trainer
+(``sparsemerge.train.loop``) trains; they own everything else: data, the optimizer and
+schedule, evaluation, checkpoints.
 
-Life of a method inside the loop::
+Life of a method inside a ``SparseModel``::
 
     method = get_method(config.method)(config)       # params resolved + validated here
+    method.check_schedule(epochs=..., max_steps=..., early_stopping=...)  # by the trainer
     groups = method.prepare(model, target_names, config, batches=...)  # make trainables
     for each step:
         loss.backward(); clip; optimizer.step(); scheduler.step()
@@ -16,11 +19,11 @@ Life of a method inside the loop::
     targets = method.export()                         # {backbone weight name: TargetDelta}
     method.remove()                                   # model back to the base weights
 
-Before ``prepare`` the loop freezes every parameter of the task model and unfreezes the
-classification head (which the loop initialises, trains and exports itself). ``prepare``
+Before ``prepare`` the ``SparseModel`` freezes every parameter of the task model and
+unfreezes the classification head (trained and exported with the adapter). ``prepare``
 makes the method's own parameters trainable and returns them as optimizer param groups
-(dicts with ``params`` and optionally ``weight_decay`` / ``lr``; the loop fills in the
-defaults ``config.lr`` and ``config.weight_decay``). Trainable tensors must be registered on
+(dicts with ``params``, a ``name`` and optionally ``weight_decay`` / ``lr``;
+``SparseModel.param_groups`` fills in the defaults). Trainable tensors must be registered on
 the model as ``nn.Parameter`` (so ``model.named_parameters()`` finds them: checkpoints save
 every trainable parameter by name, and DDP all-reduces their gradients).
 
@@ -29,8 +32,9 @@ optimizer and scheduler state, RNG states and the position. A method with more s
 mask that changes while training, a pruning round) returns it from ``state_dict`` and
 restores it in ``load_state_dict``, which the loop calls *before* loading the parameter
 values and before building the optimizer from ``param_groups()``. A method that changes
-its set of trainable tensors (e.g. after pruning) sets ``self.rebuild_optimizer = True``;
-the loop then builds a new optimizer from ``param_groups()`` (learning-rate schedule kept).
+its set of trainable tensors (e.g. after pruning) says so in ``replaces_tensors`` and sets
+``self.rebuild_optimizer = True`` when it did; ``SparseModel`` then puts the new tensors into
+the optimizer's groups of the same names (learning-rate schedule kept).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from sparsemerge.errors import SparseMergeError
 
 if TYPE_CHECKING:
     from sparsemerge.adapter import TargetDelta
-    from sparsemerge.train.config import TrainConfig
+    from sparsemerge.train.config import SparseConfig
 
 
 class Method(Declared):
@@ -56,14 +60,14 @@ class Method(Declared):
     uses_targets: ClassVar[bool] = True
     _abstract = True
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         self.config = config
         self.hparams: dict[str, Any] = self.resolve_params(config)
         self.rebuild_optimizer = False
         self._groups: list[dict[str, Any]] = []
 
     @classmethod
-    def resolve_params(cls, config: TrainConfig) -> dict[str, Any]:
+    def resolve_params(cls, config: SparseConfig) -> dict[str, Any]:
         """Each declared param from ``config.method_params``, else the config field of the
         same name (e.g. ``density``), else its default; converted and validated."""
         cls.reject_unknown(config.method_params)
@@ -75,7 +79,7 @@ class Method(Declared):
         return out
 
     # -- hooks ------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         """Make the method's parameters trainable; return optimizer param groups.
 
@@ -88,6 +92,15 @@ class Method(Declared):
     def param_groups(self) -> list[dict[str, Any]]:
         """The current optimizer param groups (what ``prepare`` returned, by default)."""
         return self._groups
+
+    def check_schedule(self, *, epochs: float, max_steps: int | None,
+                       early_stopping: bool) -> None:
+        """Raise SparseMergeError if the method cannot run on this schedule (default: any)."""
+
+    def replaces_tensors(self) -> bool:
+        """Will the method replace its trainable tensors while training (e.g. RIGSA's
+        pruning)? Then the optimizer's groups must be named as ``param_groups()``'s."""
+        return False
 
     def after_step(self) -> None:
         """Called after every optimizer step."""

@@ -9,7 +9,11 @@
   trainable (``--targets`` restricts it to the names the regex matches). Stored as the dense
   delta ``W - W0`` (``store=dense``, default) or its per-tensor top-``density`` entries by
   magnitude (``store=sparse``; the Elias-Fano codec; the final evaluation scores the
-  sparsified model). Use a small ``--lr`` (e.g. 5e-5).
+  sparsified model). Use a small ``--lr`` (e.g. 5e-5). On a bf16 / fp16 base the optimizer
+  updates fp32 master weights (registered as ``<name>_fp32`` beside each weight): each
+  backward moves the half-precision gradient into the master's fp32 gradient, and each step
+  writes the master back rounded. Cost per parameter: 2 (weight) + 2 (kept W0) + 4 (master)
+  + 4 (gradient) + 8 (AdamW) bytes. Not combined with DDP.
 - ``head``: only the classification head is trained (the loop's own head); no targets.
 
 None of them has its own training code: the loop (``sparsemerge.train.loop``) builds the
@@ -28,10 +32,10 @@ from torch import nn
 from sparsemerge import masks
 from sparsemerge.adapter import LowRank, SparseTensor, TargetDelta
 from sparsemerge.declare import Param
-from sparsemerge.errors import SparseMergeError
+from sparsemerge.errors import SparseMergeError, import_extra
 from sparsemerge.formats.adapter_file import DTYPES
 from sparsemerge.models import backbone_of
-from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.config import SparseConfig
 from sparsemerge.train.methods.base import Method
 
 PEFT_ADAPTER = "default"
@@ -73,14 +77,14 @@ class LoRA(Method):
               low=0.0, high=1.0, high_open=True),
     )
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         self._model: nn.Module | None = None
         self.layers: dict[str, nn.Module] = {}  # target weight name -> PEFT lora.Linear
 
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
-        import peft
+        peft = import_extra("peft", "peft", "--method lora")
 
         backbone = backbone_of(model)
         prefix = _prefix_of(model, backbone)
@@ -104,6 +108,8 @@ class LoRA(Method):
         params = []
         for layer in self.layers.values():
             params += [layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight]
+        for p in params:  # fp32 factors on a half base, as PEFT's autocast_adapter_dtype does
+            p.data = p.data.float()
         self._groups = [{"params": params, "name": "lora"}]
         return self._groups
 
@@ -138,7 +144,7 @@ class LoRA(Method):
         self.layers, self._model = {}, None
 
     def info(self) -> dict[str, Any]:
-        import peft
+        peft = import_extra("peft", "peft", "--method lora")
 
         return {"peft_version": peft.__version__, "scale": self.hparams["alpha"]
                 / self.hparams["rank"]}
@@ -161,31 +167,65 @@ class Full(Method):
               "kept (largest |delta|)", low=0.0, high=1.0, low_open=True),
     )
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         self.params_by_name: dict[str, nn.Parameter] = {}
-        self.w0: dict[str, torch.Tensor] = {}
+        self.masters: dict[str, nn.Parameter] = {}  # fp32 masters of half-precision weights
+        self._hooks: list[Any] = []
+        self._slots: list[tuple[nn.Module, str]] = []  # where the masters are registered
+        self.w0: dict[str, torch.Tensor] = {}  # in the weights' own dtype (exact)
         self.final: dict[str, SparseTensor] = {}  # what round_values kept (stored exactly)
 
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         backbone = backbone_of(model)
         embedding = {id(m.weight) for m in backbone.modules() if isinstance(m, nn.Embedding)}
         rx = re.compile(config.targets) if config.targets else None
-        for name, p in backbone.named_parameters():
+        for name, p in list(backbone.named_parameters()):  # masters get registered below
             if id(p) in embedding or (rx is not None and not rx.search(name)):
                 continue
             self.params_by_name[name] = p
-            self.w0[name] = p.detach().to(torch.float32).clone()
+            self.w0[name] = p.detach().clone()
             p.requires_grad_(True)
+            if p.dtype != torch.float32:
+                self._add_master(backbone, name, p)
+        if self.masters and torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise SparseMergeError("full: fp32 master weights on a half-precision base are not "
+                                   "combined with DDP; use --base-dtype fp32 (or one process)")
         if not self.params_by_name:
             raise SparseMergeError(f"full: no backbone parameter matches --targets "
                                    f"{config.targets!r}")
-        self._groups = [{"params": list(self.params_by_name.values()), "name": "backbone"}]
+        self._groups = [{"params": [self._trained(n) for n in self.params_by_name],
+                         "name": "backbone"}]
         return self._groups
 
+    def _add_master(self, backbone: nn.Module, name: str, p: nn.Parameter) -> None:
+        """An fp32 master for the half-precision ``p``; ``p``'s gradient moves into it."""
+        mod_path, _, attr = name.rpartition(".")
+        master = nn.Parameter(p.detach().float())
+        module = backbone.get_submodule(mod_path)
+        module.register_parameter(f"{attr}_fp32", master)
+        self.masters[name] = master
+        self._slots.append((module, f"{attr}_fp32"))
+
+        def to_master(param: torch.Tensor) -> None:
+            g = param.grad.float()
+            master.grad = g if master.grad is None else master.grad.add_(g)
+            param.grad = None
+
+        self._hooks.append(p.register_post_accumulate_grad_hook(to_master))
+
+    def _trained(self, name: str) -> nn.Parameter:
+        """What the optimizer updates for ``name``: its fp32 master, else the weight itself."""
+        return self.masters.get(name, self.params_by_name[name])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for name, master in self.masters.items():
+            self.params_by_name[name].copy_(master)  # round(master) in the weight's dtype
+
     def _delta(self, name: str) -> torch.Tensor:
-        return self.params_by_name[name].detach().to(torch.float32) - self.w0[name]
+        return self._trained(name).detach().to(torch.float32) - self.w0[name].float()
 
     def _stored(self, name: str) -> SparseTensor:
         """What the adapter stores for ``name``: every entry, or the top ones by magnitude."""
@@ -196,7 +236,7 @@ class Full(Method):
         flat = delta.reshape(-1)
         nnz = masks.nnz_for_density(flat.numel(), self.hparams["density"])
         idx = torch.from_numpy(masks.magnitude_indices(flat, nnz))
-        return SparseTensor(shape, idx, flat[idx].clone())
+        return SparseTensor(shape, idx, flat[idx.to(flat.device)].cpu())
 
     @torch.no_grad()
     def round_values(self, dtype: str) -> None:
@@ -205,9 +245,10 @@ class Full(Method):
             st = self._stored(name)
             st.values = st.values.to(DTYPES[dtype]).to(torch.float32)
             self.final[name] = st
-            w = self.w0[name].reshape(-1).clone()
-            w[st.indices] += st.values
-            p.copy_(w.view_as(p).to(p.dtype))
+            w = self.w0[name].reshape(-1).to(torch.float32, copy=True)
+            w[st.indices.to(w.device)] += st.values.to(w.device)
+            self._trained(name).copy_(w.view_as(p))
+            p.copy_(w.view_as(p))
 
     def export(self) -> dict[str, TargetDelta]:
         out = {}
@@ -218,10 +259,15 @@ class Full(Method):
 
     @torch.no_grad()
     def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
         for name, p in self.params_by_name.items():
-            p.copy_(self.w0[name].to(p.dtype))
+            p.copy_(self.w0[name])
             p.requires_grad_(False)
+        for module, attr in self._slots:
+            del module._parameters[attr]
         self.params_by_name, self.w0, self.final = {}, {}, {}
+        self.masters, self._hooks, self._slots = {}, [], []
 
     def info(self) -> dict[str, Any]:
         return {"store": self.hparams["store"], "tensors": len(self.params_by_name),
@@ -238,7 +284,7 @@ class HeadOnly(Method):
                  "Features and Underperform Out-of-Distribution. ICLR 2022")
     uses_targets = False
 
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         self._groups = []
         return self._groups

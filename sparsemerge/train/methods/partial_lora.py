@@ -88,7 +88,7 @@ from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.formats.adapter_file import DTYPES
 from sparsemerge.models import backbone_of
-from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.config import SparseConfig
 from sparsemerge.train.methods.base import Method
 
 A_ATTR = "partial_lora_a"
@@ -293,8 +293,9 @@ class SparseLoRALayer:
         h = x
         if self.dropout > 0 and m.training:
             h = F.dropout(h, self.dropout, True)
-        a = self.a_dense()
-        low = F.linear(F.linear(h.to(a.dtype), a), self.b_dense())
+        # The factors (fp32 masters) are cast to the activations' dtype, never the other way:
+        # on a half-precision base the branch computes, and saves its input, in that dtype.
+        low = F.linear(F.linear(h, self.a_dense().to(h.dtype)), self.b_dense().to(h.dtype))
         return y + (self.scale * low).to(y.dtype)
 
     def export(self, mask_seed: int | None) -> TargetDelta:
@@ -343,7 +344,7 @@ class PartialLoRA(Method):
               "dense one"),
     )
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         seed = self.hparams["mask_seed"]
         self.mask_seed = int(config.seed if seed is None else seed)
@@ -384,7 +385,7 @@ class PartialLoRA(Method):
         return alloc
 
     # -- hooks ----------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         if batches is None:
             raise SparseMergeError("partial-lora needs training batches to set its densities")

@@ -73,7 +73,7 @@ from sparsemerge.declare import Param
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.formats.adapter_file import DTYPES
 from sparsemerge.models import backbone_of
-from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.config import SparseConfig
 from sparsemerge.train.methods.base import Method
 from sparsemerge.train.sparse_linear import SparseDeltaSet, attach_sparse_deltas
 
@@ -198,20 +198,11 @@ class RIGSA(Method):
         Param("init_seed", int, None, "seed of the random init (default: --seed)", low=0),
     )
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         hp = self.hparams
         seed = hp["init_seed"]
         self.init_seed = int(config.seed if seed is None else seed)
-        if config.patience is not None:
-            raise SparseMergeError("method 'rigsa': --patience is not supported (the set of "
-                                   "trainable entries changes every pruning round)")
-        need = hp["rounds"] + 1
-        if hp["round_steps"] is None and config.max_steps is None and config.epochs < need:
-            raise SparseMergeError(
-                f"method 'rigsa': {hp['rounds']} pruning rounds of one epoch each, then the "
-                f"ticket, need --epochs >= {need} (got {config.epochs}); or pass "
-                "-p round_steps=N, or fewer rounds (-p rounds=...)")
         self.backbone: nn.Module | None = None
         self.names: list[str] = []
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -223,10 +214,27 @@ class RIGSA(Method):
         self.history: list[dict[str, Any]] = []
 
     # -- set-up ------------------------------------------------------------------------------
+    def check_schedule(self, *, epochs: float, max_steps: int | None,
+                       early_stopping: bool) -> None:
+        hp = self.hparams
+        if early_stopping:
+            raise SparseMergeError("method 'rigsa': --patience (early stopping) is not "
+                                   "supported (the set of trainable entries changes every "
+                                   "pruning round)")
+        need = hp["rounds"] + 1
+        if hp["round_steps"] is None and max_steps is None and epochs < need:
+            raise SparseMergeError(
+                f"method 'rigsa': {hp['rounds']} pruning rounds of one epoch each, then the "
+                f"ticket, need --epochs >= {need} (a Trainer's num_train_epochs; got "
+                f"{epochs:g}); or pass -p round_steps=N, or fewer rounds (-p rounds=...)")
+
+    def replaces_tensors(self) -> bool:
+        return self.hparams["rounds"] > 0
+
     def _init(self, name: str) -> torch.Tensor:
         return init_delta(self.init_seed, name, self.shapes[name], self.scales[name])
 
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         self.backbone = backbone_of(model)
         self.names = list(target_names)

@@ -23,7 +23,7 @@ from sparsemerge.adapter import SparseTensor, TargetDelta
 from sparsemerge.declare import Param
 from sparsemerge.formats.adapter_file import DTYPES
 from sparsemerge.models import backbone_of
-from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.config import SparseConfig
 from sparsemerge.train.methods.base import Method
 from sparsemerge.train.sparse_linear import SparseDeltaSet, attach_sparse_deltas
 
@@ -43,7 +43,7 @@ class SpaRTA(Method):
               low=0),
     )
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         self.deltas: SparseDeltaSet | None = None
         seed = self.hparams["mask_seed"]
@@ -58,7 +58,7 @@ class SpaRTA(Method):
             out[name] = torch.from_numpy(masks.seeded_indices(self.mask_seed, name, numel, nnz))
         return out
 
-    def prepare(self, model: nn.Module, target_names: list[str], config: TrainConfig, *,
+    def prepare(self, model: nn.Module, target_names: list[str], config: SparseConfig, *,
                 batches: Callable[[], Iterator[dict]] | None = None) -> list[dict[str, Any]]:
         backbone = backbone_of(model)
         self.deltas = attach_sparse_deltas(backbone, self.masks_for(backbone, target_names),

