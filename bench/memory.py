@@ -179,6 +179,7 @@ def main() -> None:
                     help=f"comma-separated, from {', '.join(CONFIGS + EXTRA)}")
     ap.add_argument("--cache-dir", default="/tmp/sparsemerge-bench",
                     help="where the random model is written once and reused")
+    ap.add_argument("--out", help="results file (default bench/results/memory[-quick].json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -246,8 +247,8 @@ def main() -> None:
                "targets": {"sparta_vs_lora_mem": "<= 1.0", "sparta_vs_full_mem": "<= 0.4",
                            "sparta_minus_head_bytes_per_entry": "<= 32",
                            "bf16_vs_fp32_path_mem": "<= 0.55"}}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"memory{'-quick' if args.quick else ''}.json"
+    out = Path(args.out or RESULTS / f"memory{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(["python", *sys.argv]), "model": {"shape": shape, **SHAPES[shape],
                                                             "vocab": VOCAB, "parameters": n},
