@@ -144,6 +144,17 @@ class Head:
     params: dict[str, torch.Tensor]  # e.g. {"weight": ..., "bias": ...}
     labels: list[str]
     problem_type: str = "single_label_classification"
+    # The prompt template its inputs were wrapped in (``PromptTemplate.to_dict()``:
+    # ``{"template": str, "chat": bool}``), so that scoring wraps them the same way; None:
+    # the head reads the raw text.
+    prompt: dict[str, Any] | None = None
+
+
+def is_prompt(d: Any) -> bool:
+    """Whether ``d`` has the stored shape of a :attr:`Head.prompt` (what the format allows;
+    the template's syntax is checked where it is used, ``data.templates``)."""
+    return (isinstance(d, dict) and set(d) <= {"template", "chat"}
+            and isinstance(d.get("template"), str) and isinstance(d.get("chat", False), bool))
 
 
 @dataclass

@@ -8,7 +8,10 @@ Two measurements, chosen by the base model:
   ~300 English news sentences), for the base and for the base with the adapter's deltas
   applied (the language-model head is the base's own; only the adapter's target tensors
   change). Forgetting = ``adapted_loss - base_loss`` (> 0: the adapter made the model worse
-  at plain text).
+  at plain text). Beside it, what an instruction model could answer: its zero-shot accuracy
+  on other prompted tasks (:data:`ZERO_SHOT_PROMPTS`: SST-2, CoLA, MRPC asked in the chat
+  format, answered through the label tokens' scores at the answer position), before and
+  after.
 - **Encoder** (no language-model head, e.g. MiniLM): the dev metrics of *another* task's
   adapter (``alongside``, e.g. an SST-2 SpaRTA adapter) alone and merged with this adapter
   (deltas summed, ``merge_adapters(..., "sum")``, the other task's head on the merged
@@ -33,9 +36,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemerge.adapter import SparseAdapter
+from sparsemerge.data.examples import LabeledData
+from sparsemerge.data.templates import PromptTemplate
 from sparsemerge.errors import SparseMergeError
 
-__all__ = ["forgetting", "is_causal_lm", "lm_forgetting", "lm_loss", "task_forgetting"]
+__all__ = ["ZERO_SHOT_PROMPTS", "forgetting", "is_causal_lm", "lm_forgetting", "lm_loss",
+           "task_forgetting", "zero_shot_accuracy"]
+
+#: Prompts an instruction model answers zero-shot, SpaRTA-style (§6.3): per preset task, the
+#: template over its columns and one answer per label, in the preset's label order.
+ZERO_SHOT_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sst2": ("Determine if the following sentence has a positive sentiment. Respond Yes or "
+             "No.\n\n{sentence}", ("No", "Yes")),
+    "cola": ("Determine if the following sentence is grammatically acceptable. Respond Yes or "
+             "No.\n\n{sentence}", ("No", "Yes")),
+    "mrpc": ("Determine if the following two sentences mean the same thing. Respond Yes or "
+             "No.\n\nSentence 1: {#1 String}\nSentence 2: {#2 String}", ("No", "Yes")),
+}
+SHIPPED_ZERO_SHOT = ("sst2", "cola")  # the presets whose dev split ships with sparsemerge
+ZERO_SHOT_EXAMPLES = 200  # default: the first 200 examples of each split (a probe, not a score)
 
 
 def _load(adapter: SparseAdapter | str | Path) -> SparseAdapter:
@@ -50,12 +69,8 @@ def is_causal_lm(base: str | None = None, gguf_file: str | None = None) -> bool:
     """Whether the base is a decoder-only language model (its model type has a causal-LM
     class and no masked-LM class in transformers: Llama yes, BERT no)."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
 
-    from sparsemerge.models import resolve_base
+    from sparsemerge.models import is_causal_lm_config, resolve_base
 
     path, gguf = resolve_base(base, gguf_file)
     kw = {"gguf_file": gguf} if gguf else {}
@@ -63,28 +78,7 @@ def is_causal_lm(base: str | None = None, gguf_file: str | None = None) -> bool:
         config = AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise SparseMergeError(f"cannot read the config of base model {path}: {exc}") from None
-    mt = getattr(config, "model_type", "")
-    return (mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-            and not getattr(config, "is_encoder_decoder", False))
-
-
-def load_causal_lm(base: str | None = None, gguf_file: str | None = None) -> nn.Module:
-    """The base as a causal LM (fp32, eval mode)."""
-    from transformers import AutoModelForCausalLM
-
-    from sparsemerge.models import quiet_transformers, resolve_base
-
-    path, gguf = resolve_base(base, gguf_file)
-    kw: dict[str, Any] = {"dtype": torch.float32}
-    if gguf:
-        kw["gguf_file"] = gguf
-    try:
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except (OSError, ValueError) as exc:
-        raise SparseMergeError(f"cannot load base model {path} as a causal language model: "
-                               f"{exc}") from None
-    return model.eval()
+    return is_causal_lm_config(config)
 
 
 @torch.no_grad()
@@ -120,15 +114,45 @@ def lm_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_lengt
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "texts": len(texts)}
 
 
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, tokenizer: Any, data: LabeledData,
+                       template: PromptTemplate, answers: Sequence[str], *,
+                       max_length: int = 256, batch_size: int = 8) -> float:
+    """Accuracy of a causal LM answering ``data`` in ``template``: the predicted label is the
+    one whose answer (its first token) scores highest at the answer position, the prompt's
+    last token (right padding: the last attended one). Only that position goes through the
+    LM head (the vocabulary-wide logits of every position would dominate the time)."""
+    from sparsemerge.data.batching import batches, encode
+    from sparsemerge.models import backbone_of
+
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+    encoded, _ = encode(data, tokenizer, max_length, template=template, keep_end=True)
+    device = next(model.parameters()).device
+    correct = 0
+    for batch in batches(encoded, batch_size, shuffle=False, seed=0):
+        att = batch["attention_mask"].to(device)
+        hidden = backbone_of(model)(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=att).last_hidden_state
+        last = hidden[torch.arange(len(att), device=device), att.sum(1) - 1]
+        scores = model.get_output_embeddings()(last)[:, ids]
+        correct += int((scores.argmax(-1).cpu() == batch["labels"]).sum())
+    return correct / len(encoded["labels"])
+
+
 def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = None,
                   gguf_file: str | None = None, texts: Sequence[str] | None = None,
+                  tasks: Sequence[str] | None = None, data_dir: str | None = None,
+                  split: str = "dev", max_examples: int | None = ZERO_SHOT_EXAMPLES,
                   max_length: int = 256, batch_size: int = 8, force: bool = False,
                   device: str | torch.device | None = None) -> dict[str, Any]:
-    """Plain-text next-token loss of a decoder base before and after applying ``adapter``
-    (computed on ``device``, default CPU)."""
+    """Plain-text next-token loss of a decoder base, and its zero-shot accuracy on the
+    prompted ``tasks`` (default: SST-2 and CoLA, whose dev splits ship; with ``data_dir``
+    every task of :data:`ZERO_SHOT_PROMPTS`), before and after applying ``adapter``
+    (computed on ``device``, default CPU). ``max_examples``: the first N of each split
+    (None: all)."""
     from sparsemerge.apply import apply
-    from sparsemerge.data.tasks import plain_text_sample
-    from sparsemerge.models import adapter_base, load_tokenizer
+    from sparsemerge.data.tasks import load_task, plain_text_sample
+    from sparsemerge.models import adapter_base, load_causal_lm, load_tokenizer
 
     ad = _load(adapter)
     base, gguf_file = adapter_base(ad, base, gguf_file)
@@ -138,15 +162,35 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
             "measure forgetting as another task's accuracy instead: --alongside OTHER_ADAPTER")
     texts = list(plain_text_sample() if texts is None else texts)
     tok = load_tokenizer(base, gguf_file)
-    model = load_causal_lm(base, gguf_file)
-    model.to(device)
-    before = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
+    chat = bool(getattr(tok, "chat_template", None))
+    prompted = {}
+    for task in tasks or (SHIPPED_ZERO_SHOT if data_dir is None else ZERO_SHOT_PROMPTS):
+        if task not in ZERO_SHOT_PROMPTS:
+            raise SparseMergeError(f"no zero-shot prompt for task {task!r}; known: "
+                                   f"{', '.join(ZERO_SHOT_PROMPTS)}")
+        data = load_task(task, data_dir, split)
+        if max_examples is not None:
+            data = data.select(range(min(max_examples, len(data))))
+        template, answers = ZERO_SHOT_PROMPTS[task]
+        prompted[task] = (data, PromptTemplate(template, chat), answers)
+    model = load_causal_lm(base, gguf_file=gguf_file, dtype=torch.float32, device=device).eval()
+
+    def measure() -> tuple[dict[str, float], dict[str, float]]:
+        return (lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size),
+                {t: zero_shot_accuracy(model, tok, d, tp, a, max_length=max_length,
+                                       batch_size=batch_size)
+                 for t, (d, tp, a) in prompted.items()})
+
+    before, zero_before = measure()
     apply(model, ad, force=force)
-    after = lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size)
+    after, zero_after = measure()
+    zero_shot = {t: {"examples": len(prompted[t][0]), "chat": chat, "base": zero_before[t],
+                     "adapted": zero_after[t], "forgetting": zero_before[t] - zero_after[t]}
+                 for t in prompted}
     return {"kind": "lm", "texts": len(texts), "tokens": before["tokens"],
             "base_loss": before["loss"], "adapted_loss": after["loss"],
             "base_perplexity": before["perplexity"], "adapted_perplexity": after["perplexity"],
-            "forgetting": after["loss"] - before["loss"]}
+            "forgetting": after["loss"] - before["loss"], "zero_shot": zero_shot}
 
 
 def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapter | str | Path,
@@ -162,7 +206,7 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
     ``data_dir``); ``max_examples``: score only the first N examples of the split.
     """
     from sparsemerge.data.tasks import load_task
-    from sparsemerge.evaluate import load_adapted, trained_task
+    from sparsemerge.evaluate import head_template, load_adapted, trained_task
     from sparsemerge.merge.engine import merge_adapters
     from sparsemerge.scoring import evaluate_data
 
@@ -188,7 +232,8 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
     def score(a: SparseAdapter) -> dict[str, float]:
         model, tok, _, _ = load_adapted(a, base, gguf_file=gguf_file, task=other_task,
                                         force=force, device=device)
-        return evaluate_data(model, tok, data, batch_size=batch_size, max_length=max_length)
+        return evaluate_data(model, tok, data, batch_size=batch_size, max_length=max_length,
+                             template=head_template(other, other_task))
 
     alone = score(other)
     merged = merge_adapters([other, dataclasses.replace(ad, heads={})], "sum")
@@ -200,8 +245,9 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
 
 def forgetting(adapter: SparseAdapter | str | Path, *,
                alongside: SparseAdapter | str | Path | None = None, **kw: Any) -> dict[str, Any]:
-    """:func:`task_forgetting` when ``alongside`` is given, else :func:`lm_forgetting`."""
+    """:func:`task_forgetting` when ``alongside`` is given, else :func:`lm_forgetting` (whose
+    zero-shot ``tasks`` are ``[task]`` when a ``task`` is given)."""
     if alongside is not None:
         return task_forgetting(adapter, alongside, **kw)
-    kw = {k: v for k, v in kw.items() if k not in ("task", "data_dir", "split", "max_examples")}
-    return lm_forgetting(adapter, **kw)
+    task = kw.pop("task", None)
+    return lm_forgetting(adapter, tasks=None if task is None else [task], **kw)

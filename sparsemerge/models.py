@@ -142,6 +142,18 @@ def load_task_model(base: str | Path | None, labels: list[str], *, gguf_file: st
                             **load_kwargs(dtype, device), **kw)
 
 
+def load_causal_lm(base: str | Path | None, *, gguf_file: str | None = None,
+                   dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                   pad_token_id: int | None = None):
+    """The base as a causal language model (its own LM head; the ``--objective lm`` task
+    model); ``dtype`` and ``device`` as in :func:`load_kwargs`."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    return _from_pretrained(AutoModelForCausalLM, base, gguf_file, **load_kwargs(dtype, device),
+                            **kw)
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
     """The backbone of a transformers task model (the model itself if it is one)."""
     return getattr(model, "base_model", model)
@@ -154,6 +166,20 @@ def head_module_name(model: nn.Module) -> str | None:
         if isinstance(mod, nn.Module) and mod is not backbone_of(model):
             return name
     return None
+
+
+def is_causal_lm_config(config: Any) -> bool:
+    """Whether a transformers config is a decoder-only language model's (its model type has
+    a causal-LM class and no masked-LM class: Llama yes, BERT no). Such a model's
+    sequence-classification head reads the *last* token, so truncation must keep the end."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = getattr(config, "model_type", "")
+    return (mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False))
 
 
 def default_targets(backbone: nn.Module, pattern: str | None = None) -> list[str]:

@@ -4,7 +4,10 @@ Each head runs inside its single-task model class on the shared backbone output 
 :mod:`sparsemerge.task_heads`), so its logits equal the single-task model's. Heads are held
 by task name in a plain mapping (``model.heads``), never as module attributes, so any string
 is a valid task name (``train``, ``to``, ``a.b c``...); their parameters are registered
-through ``model.head_modules`` so ``.to()`` and ``state_dict()`` see them.
+through ``model.head_modules`` so ``.to()`` and ``state_dict()`` see them. A head trained on
+prompted inputs (``train --template``) keeps its template (``prompt`` in its head config) and
+is scored on inputs wrapped in it; heads with different prompts cannot share a backbone pass,
+so texts take one pass per distinct prompt (:meth:`MultiHeadModel.prompt_groups`).
 
 Python API: :meth:`MultiHeadModel.from_pretrained`, ``model(**batch) -> {task: logits}``,
 :meth:`MultiHeadModel.predict`, :meth:`MultiHeadModel.evaluate`, and the one-call helpers
@@ -14,16 +17,21 @@ for a merged directory.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from sparsemerge.data.batching import batches
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.task_heads import head_model
+
+if TYPE_CHECKING:
+    from sparsemerge.data.templates import PromptTemplate
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -94,6 +102,21 @@ class MultiHeadModel(nn.Module):
         id2label = self.heads[task].config.id2label
         return [id2label[i] for i in range(len(id2label))]
 
+    def template(self, task: str) -> PromptTemplate | None:
+        """The prompt template head ``task`` was trained with (None: it reads raw text)."""
+        from sparsemerge.data.templates import stored_template
+
+        return stored_template(self.head_configs.get(task, {}).get("prompt"))
+
+    def prompt_groups(self, tasks: Sequence[str] | None = None
+                      ) -> list[tuple[PromptTemplate | None, list[str]]]:
+        """``tasks`` (default: all) grouped by the prompt their heads need, in first-seen
+        order: each group is one backbone pass over the texts wrapped in its prompt."""
+        groups: dict[PromptTemplate | None, list[str]] = {}
+        for task in (self.tasks if tasks is None else tasks):
+            groups.setdefault(self.template(task), []).append(task)
+        return list(groups.items())
+
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in batch.items() if k in self._accepts and v is not None}
 
@@ -136,30 +159,29 @@ class MultiHeadModel(nn.Module):
         """``{task: [(label, probability), ...]}``, one entry per text (or text pair).
 
         Single-label heads: softmax and the most likely label. Multi-label heads: sigmoid and
-        the most likely label. Regression heads: ``("score", value)``. Inputs go to the
+        the most likely label. Regression heads: ``("score", value)``. Each head sees the texts
+        in its own prompt template (filled as ``data.templates.texts_data`` says); heads that
+        share a prompt share one backbone pass (:meth:`prompt_groups`). Inputs go to the
         model's device.
         """
-        from sparsemerge.scoring import on_model_device
+        from sparsemerge.data.templates import texts_data
+        from sparsemerge.scoring import encode_for, on_model_device
 
         if isinstance(texts, str):
             texts = [texts]
-        if pairs is not None and len(pairs) != len(texts):
-            raise SparseMergeError(f"{len(texts)} texts but {len(pairs)} text pairs")
         tok = self._tokenizer()
         chosen = list(tasks) if tasks is not None else self.tasks
         out: dict[str, list[tuple[str, float]]] = {t: [] for t in chosen}
-        limit = min(max_length, getattr(tok, "model_max_length", max_length) or max_length)
         was_training = self.training
         self.eval()
         try:
-            for lo in range(0, len(texts), batch_size):
-                chunk = list(texts[lo:lo + batch_size])
-                args = (chunk, list(pairs[lo:lo + batch_size])) if pairs is not None else (chunk,)
-                enc = tok(*args, truncation=True, max_length=limit, padding=True,
-                          return_tensors="pt")
-                logits = self(**on_model_device(self, enc), tasks=chosen)
-                for task, lg in logits.items():
-                    out[task].extend(self._decode(task, lg.float()))
+            for template, group in self.prompt_groups(chosen):
+                encoded = encode_for(self.backbone, tok, texts_data(texts, pairs, template),
+                                     max_length, template)
+                for batch in batches(encoded, batch_size, shuffle=False, seed=0):
+                    logits = self(**on_model_device(self, batch), tasks=group)
+                    for task, lg in logits.items():
+                        out[task].extend(self._decode(task, lg.float()))
         finally:
             self.train(was_training)
         return out
@@ -185,18 +207,16 @@ class MultiHeadModel(nn.Module):
         Matthews correlation, loss, examples), which also moves each batch to this model's
         device. Over-long examples are truncated, not dropped.
         """
-        from sparsemerge.data.batching import encode
-        from sparsemerge.scoring import evaluate_model
+        from sparsemerge.scoring import encode_for, evaluate_model
 
         tok = self._tokenizer()
-        limit = min(max_length, getattr(tok, "model_max_length", max_length) or max_length)
         results: dict[str, dict[str, float]] = {}
         for task, source in data.items():
             if task not in self.heads:
                 raise SparseMergeError(f"no head for task {task!r}; this model has "
                                        f"{', '.join(self.tasks)}")
             labeled = task_data(task, source, self.labels(task), **options)
-            encoded, _ = encode(labeled, tok, limit, drop_long=False)
+            encoded = encode_for(self.backbone, tok, labeled, max_length, self.template(task))
 
             def fn(batch: dict[str, torch.Tensor], task: str = task) -> torch.Tensor:
                 return self(**batch, tasks=[task])[task]
@@ -223,7 +243,7 @@ def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | 
       read in the preset's layout (e.g. GLUE's ``dev.tsv``) unless columns are given; other
       files need ``text`` / ``label`` columns or ``text_column`` / ``label_column``.
     """
-    from sparsemerge.data.examples import Example, LabeledData
+    from sparsemerge.data.examples import LabeledData
     from sparsemerge.data.readers import read_table
     from sparsemerge.data.tasks import TASKS, load_task
 
@@ -243,7 +263,7 @@ def task_data(task: str, source: Any, labels: Sequence[str], *, data_dir: str | 
             raise SparseMergeError(f"task {task}: {source.source} has labels {unknown} that the "
                                    f"head does not know ({', '.join(labels)})")
         remap = {i: labels.index(n) for i, n in enumerate(source.labels)}
-        return LabeledData([Example(e.text, e.text_pair, remap[e.label]) for e in source],
+        return LabeledData([dataclasses.replace(e, label=remap[e.label]) for e in source],
                            labels, source.source, source.skipped)
     from sparsemerge.hub import resolve_path
 

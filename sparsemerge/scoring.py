@@ -9,6 +9,7 @@ and below ``evaluate``, which loads adapters and merged models and scores them w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsemerge.data.batching import batches, encode
+from sparsemerge.data.batching import IGNORE_INDEX, Encoded, batches, encode, keeps_end
 from sparsemerge.data.examples import LabeledData
+from sparsemerge.data.templates import PromptTemplate, texts_data
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.metrics import compute_metrics
 
@@ -88,36 +90,94 @@ def evaluate_model(model: nn.Module | None, encoded: dict, batch_size: int = 64,
     return result
 
 
+def encode_for(model: nn.Module | None, tokenizer: Any, data: LabeledData, max_length: int,
+               template: PromptTemplate | None = None) -> Encoded:
+    """``data`` encoded as ``model`` reads it: wrapped in ``template`` (the head's prompt),
+    over-long examples truncated (never dropped) at the end the model does not read
+    (:func:`keeps_end`), to at most ``max_length`` and the tokenizer's own limit."""
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    encoded, _ = encode(data, tokenizer, limit, drop_long=False, template=template,
+                        keep_end=keeps_end(getattr(model, "config", None), template))
+    return encoded
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, encoded: dict, batch_size: int = 64, *,
+                generate_tokens: int | None = None, tokenizer: Any = None) -> dict[str, float]:
+    """Causal-LM metrics on ``encoded`` (from ``data.encode_lm``): ``loss`` (mean
+    cross-entropy per response token), ``perplexity`` (``exp(loss)``), ``examples`` and, with
+    ``generate_tokens``, ``exact_match``: the share of examples whose greedy answer of up to
+    that many tokens, decoded without special tokens, equals the reference (the last
+    response) with surrounding whitespace stripped -- for short-answer tasks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches(_by_length(encoded), batch_size, shuffle=False, seed=0):
+            batch = on_model_device(model, batch)
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits.float()
+            target = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           target.reshape(-1), ignore_index=IGNORE_INDEX,
+                                           reduction="sum"))
+            count += int((target != IGNORE_INDEX).sum())
+        if count == 0:
+            raise SparseMergeError("the dev data holds no response token to score")
+        result = {"loss": total / count, "perplexity": math.exp(total / count),
+                  "examples": len(encoded["input_ids"])}
+        if generate_tokens is not None:
+            result["exact_match"] = _exact_match(model, encoded, generate_tokens, tokenizer)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _exact_match(model: nn.Module, encoded: dict, max_new_tokens: int, tokenizer: Any) -> float:
+    """Share of examples whose greedy continuation of the prompt (everything before the last
+    response) decodes to the last response (one example at a time: no padding to handle)."""
+    device = next(model.parameters()).device
+    hits = 0
+    for ids, labels in zip(encoded["input_ids"], encoded["labels"], strict=True):
+        start = len(labels)  # the last response: the final run of labelled tokens
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        prompt = torch.tensor([ids[:start]], device=device)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=getattr(encoded, "pad_token_id", 0))
+        answer = tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
+        hits += answer == tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+    return hits / len(encoded["input_ids"])
+
+
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer: Any, texts: Sequence[str],
             pairs: Sequence[str] | None = None, *, batch_size: int = 32,
             max_length: int = 512, labels: Sequence[str] | None = None,
-            logits: LogitsFn | None = None) -> list[tuple[str, float]]:
+            logits: LogitsFn | None = None,
+            template: PromptTemplate | None = None) -> list[tuple[str, float]]:
     """(label, probability) of the most likely class for each text (or text pair).
 
-    Texts longer than ``max_length`` tokens are truncated. Label names come from ``labels``
-    or the model's ``config.id2label``.
+    Texts are encoded as for training (:func:`encode_for`; with the head's ``template``
+    they fill its fields, see :func:`~sparsemerge.data.templates.texts_data`). Label names
+    come from ``labels`` or the model's ``config.id2label``.
     """
-    if pairs is not None and len(pairs) != len(texts):
-        raise SparseMergeError(f"{len(texts)} texts but {len(pairs)} text pairs")
     if not texts:
         return []
     fn = logits or _default_logits(model)
     if labels is None:
         id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
         labels = [id2label.get(i, str(i)) for i in range(len(id2label))]
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    encoded = encode_for(model, tokenizer, texts_data(texts, pairs, template), max_length,
+                         template)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
     out: list[tuple[str, float]] = []
     try:
-        for lo in range(0, len(texts), batch_size):
-            chunk = list(texts[lo:lo + batch_size])
-            args = (chunk, list(pairs[lo:lo + batch_size])) if pairs is not None else (chunk,)
-            enc = tokenizer(*args, truncation=True, max_length=limit, padding=True,
-                            return_tensors="pt")
-            probs = fn(on_model_device(model, enc)).float().softmax(-1)
+        for batch in batches(encoded, batch_size, shuffle=False, seed=0):
+            probs = fn(on_model_device(model, batch)).float().softmax(-1)
             p, i = probs.max(-1)
             for pi, ii in zip(p.tolist(), i.tolist(), strict=True):
                 out.append((labels[ii] if ii < len(labels) else str(ii), pi))
@@ -128,8 +188,9 @@ def predict(model: nn.Module, tokenizer: Any, texts: Sequence[str],
 
 
 def evaluate_data(model: nn.Module, tokenizer: Any, data: LabeledData, *,
-                  batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
-    """Metrics of ``model`` on ``data`` (over-long examples truncated, never dropped)."""
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    encoded, _ = encode(data, tokenizer, limit, drop_long=False)
+                  batch_size: int = 64, max_length: int = 512,
+                  template: PromptTemplate | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``data``, encoded by :func:`encode_for` (pass the head's
+    ``template``: ``Head.prompt`` through ``stored_template``)."""
+    encoded = encode_for(model, tokenizer, data, max_length, template)
     return evaluate_model(model, encoded, batch_size, num_labels=len(data.labels))

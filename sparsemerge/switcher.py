@@ -44,7 +44,8 @@ def load_base(adapter: SparseAdapter, base: str | None = None, *, gguf_file: str
     chosen = pick_head(adapter, task)
     if chosen is None:
         raise SparseMergeError("the adapter has no classification head; it cannot classify "
-                               "(merge it with --heads, or evaluate the adapters it came from)")
+                               "(merge it with --heads, or evaluate the adapters it came from; "
+                               "an --objective lm adapter answers with sparsemerge generate)")
     task_name, head = chosen
     base, gguf_file = adapter_base(adapter, base, gguf_file)
     tok = load_tokenizer(base, gguf_file)

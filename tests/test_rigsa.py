@@ -290,12 +290,12 @@ def test_lm_forgetting_on_a_tiny_decoder_and_cli(tiny_llama_dir, tmp_path):
 
     from sparsemerge.adapter import BaseInfo, SeededInit, SparseTensor, TargetDelta
     from sparsemerge.cli import app
-    from sparsemerge.forgetting import is_causal_lm, load_causal_lm
+    from sparsemerge.forgetting import is_causal_lm
     from sparsemerge.formats.adapter_file import save_adapter
-    from sparsemerge.models import base_info, load_tokenizer
+    from sparsemerge.models import base_info, load_causal_lm, load_tokenizer
 
     assert is_causal_lm(str(tiny_llama_dir))
-    model = load_causal_lm(str(tiny_llama_dir))
+    model = load_causal_lm(str(tiny_llama_dir)).eval()
     tok = load_tokenizer(str(tiny_llama_dir))
     texts = ["the cat sat on the mat", "rain falls on the green trees today"]
     base = lm_loss(model, tok, texts)
@@ -307,9 +307,10 @@ def test_lm_forgetting_on_a_tiny_decoder_and_cli(tiny_llama_dir, tmp_path):
     gated = SparseAdapter(targets={name: TargetDelta(shape, sparse=one, init=SeededInit(1, 0.5),
                                                      gate=2.0)}, base=info, method="rigsa")
     none = SparseAdapter(targets={name: TargetDelta(shape, sparse=one)}, base=info)
-    r0 = lm_forgetting(none, base=str(tiny_llama_dir), texts=texts)
+    r0 = lm_forgetting(none, base=str(tiny_llama_dir), texts=texts, max_examples=8)
     assert r0["forgetting"] == 0.0 and r0["tokens"] == base["tokens"]
-    r1 = forgetting(gated, base=str(tiny_llama_dir), texts=texts)
+    assert r0["zero_shot"]["sst2"]["forgetting"] == 0.0  # an all-zero delta forgets nothing
+    r1 = forgetting(gated, base=str(tiny_llama_dir), texts=texts, max_examples=8)
     assert r1["kind"] == "lm" and r1["adapted_loss"] != r1["base_loss"]
 
     save_adapter(gated, tmp_path / "gated")
@@ -319,6 +320,7 @@ def test_lm_forgetting_on_a_tiny_decoder_and_cli(tiny_llama_dir, tmp_path):
     out = json.loads(res.stdout)
     assert out["kind"] == "lm" and out["texts"] > 100  # the shipped plain-text sample
     assert out["forgetting"] == pytest.approx(out["adapted_loss"] - out["base_loss"])
+    assert {t: z["examples"] for t, z in out["zero_shot"].items()} == {"sst2": 200, "cola": 200}
 
 
 def test_task_forgetting_and_encoder_cli_error(tiny_bert_dir, data, tmp_path):

@@ -9,7 +9,14 @@ from sparsemerge.cli.export import apply, export
 from sparsemerge.cli.hub import pull, push
 from sparsemerge.cli.inspect import inspect
 from sparsemerge.cli.merge import MergeCommand, merge, overlap
-from sparsemerge.cli.train import TrainCommand, evaluate, predict, quickstart, train
+from sparsemerge.cli.train import (
+    TrainCommand,
+    evaluate,
+    generate,
+    predict,
+    quickstart,
+    train,
+)
 
 app = typer.Typer(
     name="sparsemerge",
@@ -27,6 +34,7 @@ app.command()(overlap)
 app.command(cls=TrainCommand)(train)
 app.command()(evaluate)
 app.command()(predict)
+app.command()(generate)
 app.command()(quickstart)
 app.command()(export)
 app.command()(apply)

@@ -83,7 +83,8 @@ def merge(
         show_default=False)] = None,
     heads: Annotated[bool | None, typer.Option(
         "--heads/--no-heads",
-        help="Write a merged multi-head model directory instead of a merged adapter.",
+        help="Write a merged model directory instead of a merged adapter: multi-head, or "
+             "for --objective lm adapters a standard causal-LM directory.",
         show_default=False)] = None,
     base: Annotated[str | None, typer.Option(
         "--base", help="Base model (default: the one the adapters were trained on).",
@@ -171,8 +172,9 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 def _print_merge(r: dict[str, Any]) -> None:
     t = Table(title=f"merged → {escape(r['output'])}", show_header=False, title_justify="left")
-    t.add_row("output", "multi-head model directory" if r["kind"] == "merged-model"
-              else "merged adapter (format v1)")
+    kinds = {"merged-model": "multi-head model directory", "adapter": "merged adapter (format v1)",
+             "causal-lm": "causal-LM directory (AutoModelForCausalLM, loaded whole)"}
+    t.add_row("output", kinds[r["kind"]])
     t.add_row("method", r["method"])
     t.add_row("parameters", escape(", ".join(f"{k}={v}" for k, v in r["parameters"].items())))
     t.add_row("tasks", ", ".join(r["tasks"]) or "-")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 from rich.table import Table
 
-from sparsemerge.cli.common import console, print_json, user_errors
+from sparsemerge.cli.common import console, err_console, print_json, user_errors
 from sparsemerge.errors import SparseMergeError
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] |
                     head: str | None, json_out: bool, device: torch.device | None = None
                     ) -> None:
     """Every head's label and probability for each text (``--head`` keeps one), computed on
-    ``device`` (default CPU)."""
+    ``device`` (default CPU); heads trained with different prompts take one backbone pass
+    each (said on stderr, and as ``backbone_passes`` in JSON)."""
     from sparsemerge.multihead import MultiHeadModel
 
     with user_errors():
@@ -80,14 +81,20 @@ def predict_command(path: Path, shown: str, texts: list[str], pairs: list[str] |
         model = MultiHeadModel.from_pretrained(path, device=device)
         if head is not None:
             _check_heads(model, [head], shown)
-        preds = model.predict(texts, pairs or None, tasks=[head] if head else None)
+        chosen = [head] if head else None
+        passes = len(model.prompt_groups(chosen))
+        preds = model.predict(texts, pairs or None, tasks=chosen)
     rows = [{"text": t, **({"pair": pairs[i]} if pairs else {}),
              "tasks": {task: {"label": p[i][0], "probability": p[i][1]}
                        for task, p in preds.items()}}
             for i, t in enumerate(texts)]
     if json_out:
-        print_json({"model": shown, "tasks": list(preds), "predictions": rows})
+        print_json({"model": shown, "tasks": list(preds), "backbone_passes": passes,
+                    "predictions": rows})
         return
+    if passes > 1:
+        err_console.print(f"its heads need {passes} different prompts: one backbone pass per "
+                          "prompt", markup=False, highlight=False)
     table = Table(title=f"predictions of {escape(shown)}", title_justify="left")
     table.add_column("text")
     for task in preds:

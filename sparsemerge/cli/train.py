@@ -125,11 +125,14 @@ def run_training(config: TrainConfig, json_out: bool) -> dict[str, Any]:
     result = train_api(config)
     if result.rank != 0:  # under torchrun / accelerate launch only rank 0 reports
         return {}
+    heads = result.adapter.heads  # none for --objective lm
+    task = config.head_name()[0]
     info = {
         "output": str(result.output) if result.output else None,
         "method": config.method,
-        "task": result.adapter.tasks[0],
-        "labels": result.adapter.heads[result.adapter.tasks[0]].labels,
+        "objective": config.objective,
+        "task": task,
+        "labels": heads[task].labels if task in heads else [],
         "trainable": result.trainable,
         "head_params": result.head_params,
         "steps": result.steps,
@@ -142,7 +145,8 @@ def run_training(config: TrainConfig, json_out: bool) -> dict[str, Any]:
         print_json(info)
     else:
         rows = [("adapter", info["output"] or "-"), ("method", config.method),
-                ("task", f"{info['task']} ({', '.join(info['labels'])})"),
+                ("task", info["task"] + (f" ({', '.join(info['labels'])})" if info["labels"]
+                                         else " (causal LM)")),
                 ("trainable entries", f"{result.trainable:,} (+ head {result.head_params:,})"),
                 ("steps", f"{result.steps}" + (" (early stop)" if result.stopped_early else "")),
                 ("wall time", f"{result.wall_time:.1f} s")] + _metric_rows(result.metrics)
@@ -154,6 +158,10 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write.",
                                          rich_help_panel=_OUT)],
     method: Annotated[str, typer.Option(help=_METHOD_HELP)] = _D["method"],
+    objective: Annotated[str, typer.Option(
+        help="classification (a head over labels) or lm (a causal language model's own "
+             "next-token loss on the response tokens; --prompt-column/--response-column or "
+             "--messages-column; the adapter has no head).")] = _D["objective"],
     base: Annotated[str | None, typer.Option(
         help="Base model: Hugging Face id or local directory (default: MiniLM-L6 from the "
              "demo extra).")] = None,
@@ -161,7 +169,16 @@ def train(
         help="A .gguf file inside --base, dequantised by transformers.")] = None,
     label_tokens: Annotated[str | None, typer.Option(
         help="Instruction models: initialise the head from these vocabulary rows, one token "
-             "per label in label order, e.g. \"No,Yes\".")] = None,
+             "per label in label order, e.g. \"No,Yes\" (read at the answer position with "
+             "--template).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Prompt each example is wrapped in: a format string over the data's columns, "
+             "e.g. \"{sentence} Is this positive? Respond Yes or No.\". Stored with the "
+             "adapter; evaluate, predict and merged models use it.",
+        rich_help_panel=_DATA)] = None,
+    chat_template: Annotated[bool, typer.Option(
+        help="Wrap the filled --template as a user turn in the tokenizer's chat template, "
+             "ending at the assistant's answer position.", rich_help_panel=_DATA)] = False,
     task: Annotated[str | None, typer.Option(
         help=f"Preset task ({_TASKS}); without --data-dir the subset shipped with sparsemerge "
              "(sst2, cola).", rich_help_panel=_DATA)] = None,
@@ -188,6 +205,15 @@ def train(
              "the head folders after it). Default: the preset, else the training file's name, "
              "or its folder's for generic names such as train.tsv.",
         rich_help_panel=_DATA)] = None,
+    prompt_column: Annotated[str | None, typer.Option(
+        help="--objective lm: the prompt column (default: prompt).",
+        rich_help_panel=_DATA)] = None,
+    response_column: Annotated[str | None, typer.Option(
+        help="--objective lm: the response column, where the loss is (default: response).",
+        rich_help_panel=_DATA)] = None,
+    messages_column: Annotated[str | None, typer.Option(
+        help="--objective lm: a JSONL column of chat messages instead (the loss on the "
+             "assistant turns; use with --chat-template).", rich_help_panel=_DATA)] = None,
     skip_bad_rows: Annotated[bool, typer.Option(
         help="Skip (and count) malformed rows instead of failing with file:line.",
         rich_help_panel=_DATA)] = False,
@@ -243,11 +269,15 @@ def train(
         help="Micro-batches of --batch-size per optimizer step (gradient accumulation).",
         rich_help_panel=_OPT)] = _D["grad_accum"],
     gradient_checkpointing: Annotated[bool, typer.Option(
-        help="Recompute activations in the backward pass: less memory, ~30% more time.",
+        help="Recompute each block's activations in the backward pass: less memory, one "
+             "extra forward per step.",
         rich_help_panel=_DEV)] = _D["gradient_checkpointing"],
     eval_steps: Annotated[int | None, typer.Option(help="Evaluate every N steps (default: "
                                                         "each epoch).", rich_help_panel=_OPT)
                           ] = None,
+    eval_generate: Annotated[int | None, typer.Option(
+        help="--objective lm: also score greedy answers of up to N tokens against the dev "
+             "responses (exact match; for short-answer tasks).", rich_help_panel=_OPT)] = None,
     patience: Annotated[int | None, typer.Option(help="Early stopping: stop after N "
                                                       "evaluations without a lower dev loss "
                                                       "and keep the best.",
@@ -269,11 +299,13 @@ def train(
                                                           "--quiet).", rich_help_panel=_OUT)
                         ] = False,
 ) -> None:
-    """Train a sparse adapter for a classification task and save it.
+    """Train a sparse adapter for a classification task (or, with --objective
+    lm, a generative one) and save it.
 
     SpaRTA trains a seeded random subset of every linear layer's weights
     (--density) and a fresh classification head; token embeddings stay
-    frozen. Each epoch is scored on the dev set (accuracy, F1, Matthews).
+    frozen. Each epoch is scored on the dev set (accuracy, F1, Matthews;
+    for lm: response loss, perplexity, exact match with --eval-generate).
     The adapter directory (format v1) records the options and dev metrics.
 
     Examples:
@@ -288,6 +320,13 @@ def train(
     $ sparsemerge train --base ./smollm2 --gguf-file model.Q4_1.gguf
       --label-tokens "No,Yes" --task sst2 --max-steps 200 -o smol
 
+    $ sparsemerge train --base ./smollm2 --task sst2 --label-tokens "No,Yes"
+      --template "{sentence} Is this positive? Respond Yes or No." --chat-template -o smol
+
+    $ sparsemerge train --base ./smollm2 --objective lm --train-file mnist.jsonl
+      --messages-column messages --chat-template --eval-file mnist-dev.jsonl
+      --eval-generate 2 -o smol-mnist
+
     Interrupted? Re-run the same command with --resume (needs
     --checkpoint-steps N); the result is bit-identical.
 
@@ -301,11 +340,14 @@ def train(
     with user_errors():
         get_method(method)  # unknown: an error listing the known methods, before any loading
         config = TrainConfig(
-            method=method, method_params=_method_params(param), base=base,
-            gguf_file=gguf_file, label_tokens=_split_list(label_tokens), targets=targets,
+            method=method, objective=objective, method_params=_method_params(param), base=base,
+            gguf_file=gguf_file, label_tokens=_split_list(label_tokens), template=template,
+            chat_template=chat_template, targets=targets,
             density=density, seed=seed, task=task, data_dir=data_dir, train_file=train_file,
             eval_file=eval_file, text_column=text_column, text_pair_column=text_pair_column,
             label_column=label_column, labels=_split_list(labels), task_name=task_name,
+            prompt_column=prompt_column, response_column=response_column,
+            messages_column=messages_column, eval_generate=eval_generate,
             skip_bad_rows=skip_bad_rows, no_header=no_header,
             max_length=max_length, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
@@ -344,6 +386,9 @@ def _forgetting(adapter: str, alongside: str | None, *, json_out: bool, **kw: An
                 ("adapted loss / perplexity", f"{info['adapted_loss']:.4f} / "
                                               f"{info['adapted_perplexity']:.2f}"),
                 ("forgetting (loss increase)", f"{info['forgetting']:+.4f}")]
+        rows += [(f"zero-shot {task} accuracy", f"{z['base']:.4f} → {z['adapted']:.4f} "
+                                                f"({z['examples']} examples)")
+                 for task, z in info["zero_shot"].items()]
     else:
         rows = [("adapter", adapter), ("alongside", f"{alongside} (head {info['head']})"),
                 ("task", f"{info['task']} ({info['examples']} examples)"),
@@ -393,8 +438,10 @@ def evaluate(
                      ] = False,
     forgetting: Annotated[bool, typer.Option(
         "--forgetting", help="Measure forgetting instead: a decoder base's next-token loss on "
-        "the shipped plain-text sample with and without the adapter; with --alongside, "
-        "another task's dev accuracy alone and merged with this adapter.",
+        "the shipped plain-text sample and its zero-shot accuracy on prompted SST-2 / CoLA "
+        "(--task one of sst2, cola, mrpc; mrpc needs --data-dir) with and without the "
+        "adapter; with --alongside, another task's dev accuracy alone and merged with this "
+        "adapter.",
         rich_help_panel=_FORGET)] = False,
     alongside: Annotated[str | None, typer.Option(
         help="With --forgetting (encoders): another task's adapter (e.g. an SST-2 adapter), "
@@ -519,7 +566,7 @@ def _score_active(switcher: Any, *, task: str | None, data: str | None, data_dir
     ``read_options``) or a preset ``task`` (default: the one it was trained on)."""
     from sparsemerge.data.readers import read_table
     from sparsemerge.data.tasks import load_task
-    from sparsemerge.evaluate import trained_task
+    from sparsemerge.evaluate import head_template, trained_task
     from sparsemerge.scoring import evaluate_data
 
     name = switcher.active
@@ -539,7 +586,7 @@ def _score_active(switcher: Any, *, task: str | None, data: str | None, data_dir
                                    f"of {name} {labels}")
     t0 = time.perf_counter()
     metrics = evaluate_data(switcher.model, switcher.tokenizer, ds, batch_size=batch_size,
-                            max_length=max_length)
+                            max_length=max_length, template=head_template(ad, head_name))
     return {"adapter": name, "head": head_name, "data": ds.source, "skipped_bad_rows":
             ds.skipped, "metrics": metrics, "wall_time_s": round(time.perf_counter() - t0, 2)}
 
@@ -582,6 +629,7 @@ def predict(
 
     $ sparsemerge predict merged "The film were great." --json
     """
+    from sparsemerge.evaluate import head_template
     from sparsemerge.hub import is_hub_uri
     from sparsemerge.scoring import predict as predict_api
     from sparsemerge.switcher import AdapterSwitcher
@@ -609,7 +657,9 @@ def predict(
         results = []
         for name in switcher.names:
             switcher.activate(name)
-            preds = predict_api(switcher.model, switcher.tokenizer, texts, pair or None)
+            preds = predict_api(switcher.model, switcher.tokenizer, texts, pair or None,
+                                template=head_template(switcher.adapter(name),
+                                                       switcher.task(name)))
             rows = [{"text": t, **({"pair": pair[i]} if pair else {}), "label": lab,
                      "probability": p}
                     for i, (t, (lab, p)) in enumerate(zip(texts, preds, strict=True))]
@@ -629,6 +679,44 @@ def predict(
             text = r["text"] + (f"  ||  {r['pair']}" if "pair" in r else "")
             table.add_row(text, r["label"], f"{r['probability']:.3f}")
         console.print(table)
+
+
+def generate(
+    adapter: Annotated[str, typer.Argument(
+        help="An --objective lm adapter directory or hf://owner/name.")],
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to answer.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter "
+                                                  "was trained on).")] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="A .gguf file inside --base.")] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = _EVAL_DEVICE,
+    base_dtype: Annotated[str, typer.Option(help=_BASE_DTYPE_HELP)] = "auto",
+    force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")
+                     ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Answer prompts with a generative (--objective lm) adapter: greedy decoding.
+
+    Each prompt is wrapped as the adapter was trained: as a chat user turn
+    when it was trained with --chat-template.
+
+    Example:
+
+    $ sparsemerge generate smol-mnist "What digit is this? ..."
+    """
+    from sparsemerge.evaluate import generate as generate_api
+    from sparsemerge.train.distributed import resolve_device
+
+    with user_errors():
+        answers = generate_api(_resolve(adapter), prompts, base=base, gguf_file=gguf_file,
+                               max_new_tokens=max_new_tokens, force=force,
+                               device=resolve_device(device), base_dtype=base_dtype)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    if json_out:
+        print_json({"adapter": adapter, "answers": rows})
+        return
+    for r in rows:
+        console.print(r["answer"], markup=False, highlight=False)
 
 
 def quickstart(

@@ -14,13 +14,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from sparsemerge.data.examples import LabeledData, LMData
-from sparsemerge.data.templates import PromptTemplate, apply_template, chat_segments
+from sparsemerge.data.examples import LabeledData, LMData, Message
+from sparsemerge.data.templates import PromptTemplate, apply_template, chat_segments, render_chat
 from sparsemerge.errors import DataError
-from sparsemerge.models import resolve_pad_token_id
+from sparsemerge.models import is_causal_lm_config, resolve_pad_token_id
 
 __all__ = ["IGNORE_INDEX", "Encoded", "LongCounts", "batches", "encode", "encode_lm",
-           "num_batches"]
+           "encode_prompt", "keeps_end", "num_batches"]
 
 #: The label of a token the loss ignores (PyTorch's and transformers' convention).
 IGNORE_INDEX = -100
@@ -114,6 +114,13 @@ def encode(
     return out, _long_counts(data, out, max_length, len(long_idx), drop_long)
 
 
+def keeps_end(config: Any, template: PromptTemplate | None) -> bool:
+    """``encode``'s ``keep_end`` for a model with this transformers ``config`` (or None):
+    with a template (the answer position is last) or for a decoder, whose classification
+    head reads the last token; an encoder's reads the first."""
+    return template is not None or (config is not None and is_causal_lm_config(config))
+
+
 def _check_input(data: LabeledData | LMData, max_length: int) -> None:
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
@@ -174,6 +181,16 @@ def encode_lm(
         out["labels"].append(labels)
         out["index"].append(i)
     return out, _long_counts(data, out, max_length, n_long, drop_long)
+
+
+def encode_prompt(prompt: str, tokenizer: Any, *, chat: bool) -> list[int]:
+    """A user prompt's token ids as :func:`encode_lm` tokenises a conversation's first turn,
+    ending where the model answers: with ``chat`` rendered in the chat template with the
+    assistant's generation prompt, else the text with the tokenizer's special tokens."""
+    if chat:
+        text = render_chat([Message("user", prompt)], tokenizer, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:

@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsemerge.data.examples import LabeledData, Message
+from sparsemerge.data.examples import Example, LabeledData, Message
 from sparsemerge.errors import DataError
 
-__all__ = ["PromptTemplate", "apply_template", "chat_segments", "render_chat"]
+__all__ = ["PromptTemplate", "apply_template", "chat_segments", "render_chat", "stored_template",
+           "texts_data"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,32 @@ class PromptTemplate:
             raise DataError(f"not a prompt template: {d!r}; expected "
                             f"{{'template': str, 'chat': bool}}")
         return cls(d["template"], d.get("chat", False))
+
+
+def stored_template(prompt: Mapping[str, Any] | None) -> PromptTemplate | None:
+    """The template a head stores (``Head.prompt``, a merged head's config ``prompt``), or
+    None for a head that reads the raw text."""
+    return None if prompt is None else PromptTemplate.from_dict(dict(prompt))
+
+
+def texts_data(texts: Sequence[str], pairs: Sequence[str] | None = None,
+               template: PromptTemplate | None = None) -> LabeledData:
+    """Raw texts (and their pairs) as unlabelled data for ``batching.encode``. A
+    ``template``'s fields are filled, in order of first use, from the text and its pair:
+    ``{sentence}`` from the text; ``{#1 String}`` and ``{#2 String}`` from text and pair."""
+    if pairs is not None and len(pairs) != len(texts):
+        raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs")
+    fields = template.fields if template is not None else ()
+    given = 1 if pairs is None else 2
+    if template is not None and len(fields) != given:
+        raise DataError(f"the head's template {template.template!r} uses {len(fields)} "
+                        f"column(s) ({', '.join(fields)}), filled in that order from each "
+                        f"text{' and its pair' if len(fields) > 1 else ''}; {given} given")
+    examples = [Example(t, None if pairs is None else pairs[i], 0,
+                        dict(zip(fields, (t,) if pairs is None else (t, pairs[i]),
+                                 strict=False)) if template is not None else None)
+                for i, t in enumerate(texts)]
+    return LabeledData(examples, ["?"], "texts")
 
 
 def render_chat(messages: Sequence[Message], tokenizer: Any, *,

@@ -137,6 +137,8 @@ def adapter_config(adapter: SparseAdapter, tensors: dict[str, torch.Tensor] | No
             params[pname] = {"shape": list(p.shape), "dtype": dtype}
         heads[task] = {"module": h.module, "labels": list(h.labels),
                        "problem_type": h.problem_type, "params": params}
+        if h.prompt is not None:
+            heads[task]["prompt"] = dict(h.prompt)
     b = adapter.base
     return {
         "format": FORMAT_NAME,
@@ -224,7 +226,7 @@ def read_adapter(path: str | Path) -> tuple[SparseAdapter, dict[str, TensorStora
         targets[name] = TargetDelta(shape=t.shape, sparse=_sparse(t.sparse), init=t.init,
                                     lowrank=lowrank, gate=t.gate)
     heads = {task: Head(h.module, {k: _tensor(v) for k, v in h.params.items()}, h.labels,
-                        h.problem_type) for task, h in stored.heads.items()}
+                        h.problem_type, h.prompt) for task, h in stored.heads.items()}
     adapter = SparseAdapter(targets=targets, base=stored.base, heads=heads, method=stored.method,
                             hyperparameters=stored.hyperparameters, metrics=stored.metrics,
                             extra=stored.extra)

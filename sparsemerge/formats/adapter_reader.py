@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import deserialize
 
 from sparsemerge import masks
-from sparsemerge.adapter import FORMAT_VERSION, BaseInfo, SeededInit
+from sparsemerge.adapter import FORMAT_VERSION, BaseInfo, SeededInit, is_prompt
 from sparsemerge.errors import FormatError, SparseMergeError
 from sparsemerge.formats import codecs, strict_json
 
@@ -110,6 +110,7 @@ class StoredHead:
     params: dict[str, StoredTensor]
     labels: list[str]
     problem_type: str
+    prompt: dict[str, Any] | None = None
 
 
 @dataclass
@@ -277,8 +278,11 @@ class _Reader:
             params[pname] = p
         if not params:
             raise self.fail(what, "has no parameters")
+        prompt = spec.get("prompt")
+        if prompt is not None and not is_prompt(prompt):
+            raise self.fail(what, "prompt must be an object {template: string, chat: boolean}")
         return StoredHead(self.field(spec, "module", str, what), params, labels,
-                          self.field(spec, "problem_type", str, what))
+                          self.field(spec, "problem_type", str, what), prompt)
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, StoredTensor], Path]:

@@ -10,7 +10,8 @@ Layout (``sparsemerge merge --heads -o OUT``)::
       heads/<task>/head.safetensors       the task's head parameters ("weight", "bias", ...)
       heads/<task>/head_config.json       HEAD_FORMAT, task, module, labels, id2label, label2id,
                                           problem_type, num_labels, hidden_size,
-                                          architecture (the task-model class), pad_token_id
+                                          architecture (the task-model class), pad_token_id,
+                                          prompt (optional: the head's prompt template)
       sparsemerge_recipe.json             RECIPE_FORMAT: method, parameters, weights, inputs
                                           (path, kind, sha256, tasks, weight), base (id,
                                           revision, fingerprint), tasks, backbone files,
@@ -41,6 +42,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from sparsemerge.adapter import is_prompt
 from sparsemerge.errors import FormatError, SparseMergeError
 from sparsemerge.formats import strict_json
 
@@ -268,8 +270,10 @@ def write_shards(out_dir: Path, plan: ShardPlan, produce: Callable[[TensorSpec],
 
 
 def head_config(task: str, *, module: str, labels: list[str], problem_type: str,
-                hidden_size: int | None, architecture: str, pad_token_id: int | None
-                ) -> dict[str, Any]:
+                hidden_size: int | None, architecture: str, pad_token_id: int | None,
+                prompt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A head's ``head_config.json``; ``prompt``: the template its inputs are wrapped in
+    (``Head.prompt``), stored only when there is one."""
     return {
         "format": HEAD_FORMAT,
         "format_version": RECIPE_VERSION,
@@ -283,6 +287,7 @@ def head_config(task: str, *, module: str, labels: list[str], problem_type: str,
         "hidden_size": hidden_size,
         "architecture": architecture,
         "pad_token_id": pad_token_id,
+        **({"prompt": dict(prompt)} if prompt is not None else {}),
     }
 
 
@@ -504,6 +509,9 @@ def read_head(path: Path, task: str) -> HeadFiles:
     pad = cfg.get("pad_token_id")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
         raise FormatError(f"{cfile}: pad_token_id must be a non-negative integer or null")
+    if cfg.get("prompt") is not None and not is_prompt(cfg["prompt"]):
+        raise FormatError(f"{cfile}: prompt must be an object {{template: string, chat: "
+                          f"boolean}}")
     if not wfile.is_file():
         raise FormatError(f"{wfile}: no such file")
     if wfile.stat().st_size > 2**34:

@@ -404,7 +404,8 @@ def load_merged_model(path: Path, base: str | Path | None = None, *,
             targets[name] = TargetDelta(shape=tuple(delta.shape), sparse=sp)
     heads = {t: Head(module=h.config["module"], labels=h.labels,
                      problem_type=h.config["problem_type"],
-                     params={k: v.to(torch.float32) for k, v in h.params.items()})
+                     params={k: v.to(torch.float32) for k, v in h.params.items()},
+                     prompt=h.config.get("prompt"))
              for t, h in files.heads.items()}
     info = b0.base_info(sorted(targets), model_id=str(base) if base else None)
     wfiles = [path / f for f in files.weight_files if f.endswith(".safetensors")]

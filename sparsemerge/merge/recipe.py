@@ -367,7 +367,7 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
     """Load the inputs, merge, write the output; return a report (JSON-able)."""
     from sparsemerge.formats.adapter_file import save_adapter
     from sparsemerge.merge.engine import merge_adapters
-    from sparsemerge.merge.stream import save_merged_model
+    from sparsemerge.merge.stream import save_merged_causal_lm, save_merged_model
 
     recipe.validate()
     t0 = time.perf_counter()
@@ -383,7 +383,13 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         "inputs": record["inputs"], "tasks": list(merged.heads), "targets": len(merged.targets),
         "nnz": sum(t.sparse.nnz for t in merged.targets.values() if t.sparse is not None),
     }
-    if recipe.heads:
+    if recipe.heads and not merged.heads and all(
+            a.hyperparameters.get("objective") == "lm" for a in adapters):
+        report["kind"] = "causal-lm"
+        report["model"] = save_merged_causal_lm(
+            merged, recipe.output, base=recipe.base if recipe.base is not None else base,
+            gguf_file=gguf, force=force, base_dtype=recipe.base_dtype)
+    elif recipe.heads:
         body = {"method": recipe.method, "reference": record["reference"],
                 "parameters": recipe.parameters, "weights": recipe.weights,
                 "inputs": record["inputs"],

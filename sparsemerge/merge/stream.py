@@ -192,7 +192,7 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
     for task, head in adapter.heads.items():
         cfg = head_config(task, module=head.module, labels=head.labels,
                           problem_type=head.problem_type, hidden_size=ckpt.hidden_size,
-                          architecture="", pad_token_id=pad)
+                          architecture="", pad_token_id=pad, prompt=head.prompt)
         try:
             model = head_model(config, cfg, head.params)
         except SparseMergeError as exc:
@@ -246,3 +246,31 @@ def save_merged_model(adapter: SparseAdapter, out: str | Path, *,
         (tmp / CARD_NAME).write_text(merged_card(info))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def save_merged_causal_lm(adapter: SparseAdapter, out: str | Path, *,
+                          base: str | Path | None = None, gguf_file: str | None = None,
+                          force: bool = False, base_dtype: str = "auto") -> dict[str, Any]:
+    """Write ``adapter`` (merged ``--objective lm`` adapters: deltas, no heads) applied to its
+    base as a standard causal-LM directory at ``out``, atomically: config, weights (the LM
+    head, or embeddings tied to it, as the base has them) and tokenizer, so that
+    ``AutoModelForCausalLM.from_pretrained(out)`` (and so vLLM) loads it alone. The model is
+    loaded whole (memory = the model in ``base_dtype``), not streamed: transformers writes the
+    weights under its own names. Returns a report (files, seconds)."""
+    from sparsemerge.apply import apply
+    from sparsemerge.formats.atomic import atomic_directory
+    from sparsemerge.models import adapter_base, load_causal_lm, load_tokenizer
+
+    t0 = time.perf_counter()
+    base, gguf_file = adapter_base(adapter, None if base is None else str(base), gguf_file)
+    model = load_causal_lm(base, gguf_file=gguf_file, dtype=base_dtype)
+    apply(model, adapter, force=force)
+    tok = load_tokenizer(base, gguf_file)
+    with atomic_directory(out) as tmp:
+        _readable(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp, max_shard_size=DEFAULT_MAX_SHARD_SIZE)
+            tok.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+    return {"output": str(out), "architecture": type(model).__name__, "files": files,
+            "streamed": False, "seconds": round(time.perf_counter() - t0, 3)}

@@ -15,15 +15,19 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sparsemerge.errors import SparseMergeError
+from sparsemerge.errors import DataError, SparseMergeError
+
+if TYPE_CHECKING:
+    from sparsemerge.data.templates import PromptTemplate
 
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 IMPLS = ("fast", "autograd")
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 BASE_DTYPES = ("auto", *COMPUTE_DTYPES)  # auto: the checkpoint's own dtype
+OBJECTIVES = ("classification", "lm")
 
 HEAD_LR_FACTOR = 5.0  # the head's default learning rate, in multiples of the method's
 
@@ -82,10 +86,13 @@ class TrainConfig:
 
     # -- what to train ----------------------------------------------------------------------
     method: str = "sparta"
+    objective: str = "classification"  # or "lm": causal-LM loss on the response tokens only
     method_params: dict[str, Any] = field(default_factory=dict)  # per-method extras
     base: str | None = None  # HF id or local dir; None = MiniLM-L6 from the demo extra
     gguf_file: str | None = None  # a .gguf file inside ``base`` (dequantised by transformers)
     label_tokens: list[str] | None = None  # instruction models: head rows from these tokens
+    template: str | None = None  # prompt: a format string over the data's columns
+    chat_template: bool = False  # wrap the filled template (lm: each conversation) as chat
     targets: str | None = None  # regex over backbone weight names; None = every linear layer
     density: float = 0.005  # share of each target's entries that is trainable (sparse methods)
     seed: int = 0  # mask, head init, dropout and data order
@@ -100,6 +107,9 @@ class TrainConfig:
     label_column: str | None = None
     labels: list[str] | None = None  # class names in id order; None = sorted unique labels
     task_name: str | None = None  # name of the head; default: see head_name()
+    prompt_column: str | None = None  # lm: the prompt column (default "prompt")
+    response_column: str | None = None  # lm: the response column (default "response")
+    messages_column: str | None = None  # lm: a column of chat messages instead
     skip_bad_rows: bool = False
     no_header: bool = False  # CSV/TSV files have no header row: columns are 0-based indexes
     max_length: int = 128  # tokens; longer training examples are truncated, end kept
@@ -125,6 +135,7 @@ class TrainConfig:
     # -- evaluation and stopping ------------------------------------------------------------
     eval_steps: int | None = None  # evaluate every N steps; None = at the end of each epoch
     eval_batch_size: int = 64
+    eval_generate: int | None = None  # lm: greedy answers of up to N tokens, exact match
     patience: int | None = None  # stop after N evaluations without a lower validation loss
 
     # -- output -----------------------------------------------------------------------------
@@ -199,9 +210,31 @@ class TrainConfig:
                                    "--train-file with --text-column and --label-column")
         if self.task is not None and self.train_file is not None:
             raise SparseMergeError("pass either --task or --train-file, not both")
-        if self.train_file is not None and (self.text_column is None
-                                            or self.label_column is None):
-            raise SparseMergeError("--train-file needs --text-column and --label-column")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, "
+                                   f"got {self.objective!r}")
+        lm_only = {"prompt_column": self.prompt_column, "response_column": self.response_column,
+                   "messages_column": self.messages_column, "eval_generate": self.eval_generate}
+        if self.objective == "lm":
+            not_lm = {"task": self.task, "label_tokens": self.label_tokens,
+                      "template": self.template, "labels": self.labels,
+                      "text_column": self.text_column, "label_column": self.label_column}
+            for opt, v in not_lm.items():
+                if v is not None:
+                    raise bad(opt, "is for classification; --objective lm reads prompt/response "
+                                   "(or messages) columns from --train-file")
+            if self.method == "head":
+                raise bad("method", "head trains the classification head alone, and an "
+                                    "--objective lm model has none; pick another method")
+            if self.eval_generate is not None and self.eval_generate < 1:
+                raise bad("eval_generate", f"must be >= 1, got {self.eval_generate}")
+        else:
+            for opt, v in lm_only.items():
+                if v is not None:
+                    raise bad(opt, "goes with --objective lm")
+            if self.train_file is not None and (self.text_column is None
+                                                or self.label_column is None):
+                raise SparseMergeError("--train-file needs --text-column and --label-column")
         if self.task is None and self.data_dir is not None:
             raise SparseMergeError("--data-dir goes with --task (a preset); with --train-file "
                                    "give the file's path")
@@ -214,6 +247,14 @@ class TrainConfig:
                 raise bad("task_name", str(exc)) from None
         if self.label_tokens is not None and not all(t for t in self.label_tokens):
             raise bad("label_tokens", "must be non-empty tokens, e.g. 'No,Yes'")
+        if self.chat_template and self.template is None and self.objective != "lm":
+            raise bad("chat_template", "wraps the prompt --template in the chat format; give "
+                                       "--template too, e.g. --template '{sentence}'")
+        if self.template is not None:
+            try:
+                self.prompt()
+            except DataError as exc:
+                raise bad("template", str(exc)) from None
         if self.resume and self.checkpoint_path is None:
             raise bad("resume", "needs --checkpoint-dir or an output (-o) to find the "
                                 "checkpoint in")
@@ -223,6 +264,13 @@ class TrainConfig:
         return SparseConfig(method=self.method, density=self.density, targets=self.targets,
                             seed=self.seed, method_params=self.method_params,
                             task_name=self.head_name()[0], impl=self.impl, quiet=self.quiet)
+
+    def prompt(self) -> PromptTemplate | None:
+        """The prompt template examples are wrapped in (``template``, ``chat_template``)."""
+        from sparsemerge.data.templates import PromptTemplate
+
+        return None if self.template is None else PromptTemplate(self.template,
+                                                                 self.chat_template)
 
     def head_name(self) -> tuple[str, str]:
         """(the task's head name, where it comes from): ``task_name`` when set, else the

@@ -17,6 +17,7 @@ its parameters are the fp32 master weights and its input is cast up (docs/NUMERI
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,12 +123,18 @@ def init_head(model: nn.Module, *, seed: int, label_tokens: list[str] | None = N
 
 
 def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The classification head's parameters; none for a model without one (a causal LM
+    trained with ``--objective lm``)."""
+    if head_module_name(model) is None:
+        return []
     _, head = head_of(model)
     return list(head.named_parameters())
 
 
 def export_head(model: nn.Module, labels: list[str],
-                problem_type: str = "single_label_classification") -> Head:
+                problem_type: str = "single_label_classification", *,
+                prompt: dict[str, Any] | None = None) -> Head:
     name, head = head_of(model)
     params = {p: t.detach().to(torch.float32).cpu().clone() for p, t in head.named_parameters()}
-    return Head(module=name, params=params, labels=list(labels), problem_type=problem_type)
+    return Head(module=name, params=params, labels=list(labels), problem_type=problem_type,
+                prompt=prompt)

@@ -50,18 +50,27 @@ import torch
 from torch import nn
 
 from sparsemerge.adapter import BaseInfo, SparseAdapter
-from sparsemerge.data.batching import batches, encode, num_batches
-from sparsemerge.data.examples import LabeledData
-from sparsemerge.data.readers import read_table
+from sparsemerge.data.batching import (
+    Encoded,
+    LongCounts,
+    batches,
+    encode,
+    encode_lm,
+    keeps_end,
+    num_batches,
+)
+from sparsemerge.data.examples import LabeledData, LMData
+from sparsemerge.data.readers import read_lm, read_table
 from sparsemerge.data.tasks import TASKS, load_task
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.models import (
     DEMO_BASE_ID,
+    load_causal_lm,
     load_task_model,
     load_tokenizer,
     resolve_pad_token_id,
 )
-from sparsemerge.scoring import evaluate_model, metric_names
+from sparsemerge.scoring import evaluate_lm, evaluate_model, metric_names
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.distributed import (
     all_gather,
@@ -151,8 +160,11 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ data
 
 
-def load_data(config: TrainConfig) -> tuple[LabeledData, LabeledData | None]:
-    """(train, dev or None) as the config describes them."""
+def load_data(config: TrainConfig) -> tuple[LabeledData | LMData, LabeledData | LMData | None]:
+    """(train, dev or None) as the config describes them: labelled examples, or for
+    ``--objective lm`` conversations."""
+    if config.objective == "lm":
+        return _load_lm(config)
     if config.task is not None:
         spec = TASKS.get(config.task)
         if spec is None:
@@ -182,6 +194,29 @@ def load_data(config: TrainConfig) -> tuple[LabeledData, LabeledData | None]:
         raise SparseMergeError(f"{train.source}: only one label ({train.labels[0]!r}) in the "
                                "training data; a classifier needs at least two")
     return train, dev
+
+
+def _load_lm(config: TrainConfig) -> tuple[LMData, LMData | None]:
+    def read(path: str) -> LMData:
+        return read_lm(path, prompt_column=config.prompt_column or "prompt",
+                       response_column=config.response_column or "response",
+                       messages_column=config.messages_column,
+                       skip_bad_rows=config.skip_bad_rows, has_header=not config.no_header)
+
+    train = read(config.train_file)
+    if config.max_train_examples is not None:
+        train = LMData(train.examples[:config.max_train_examples], train.source, train.skipped)
+    return train, None if config.eval_file is None else read(config.eval_file)
+
+
+def _encode(config: TrainConfig, data: LabeledData | LMData, tokenizer: Any, max_length: int,
+            drop_long: bool, keep_end: bool) -> tuple[Encoded, LongCounts]:
+    """``data`` tokenised for the objective: conversations with the loss on the responses
+    (chat-rendered with ``chat_template``), or labelled examples in the prompt template."""
+    if config.objective == "lm":
+        return encode_lm(data, tokenizer, max_length, drop_long, chat=config.chat_template)
+    return encode(data, tokenizer, max_length, drop_long, template=config.prompt(),
+                  keep_end=keep_end)
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -280,12 +315,37 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
     # Data and tokenizer.
     tokenizer = load_tokenizer(config.base, config.gguf_file)
     train, dev = load_data(config)
-    train_enc, n_long = encode(train, tokenizer, config.max_length, drop_long=config.drop_long)
+    template = config.prompt()
+    if template is not None:  # before the model is loaded: a typo should fail fast
+        template.check_columns(train.columns, train.source)
+    labels = [] if config.objective == "lm" else list(train.labels)
+
+    # Task model with a fresh head (initialised as the SpaRTA paper does, or from label
+    # tokens); the SparseModel freezes everything else and attaches the method.
+    # Loaded in its own dtype (--base-dtype) straight onto the device: no fp32 copy anywhere.
+    # --objective lm: the causal LM itself, its own LM head frozen (LM adapters carry no head).
+    if config.objective == "lm":
+        model = load_causal_lm(config.base, gguf_file=config.gguf_file, dtype=config.base_dtype,
+                               device=device, pad_token_id=resolve_pad_token_id(tokenizer))
+    else:
+        model = load_task_model(config.base, labels, gguf_file=config.gguf_file,
+                                dtype=config.base_dtype, device=device,
+                                pad_token_id=resolve_pad_token_id(tokenizer))
+        init_head(model, seed=config.seed, label_tokens=config.label_tokens,
+                  tokenizer=tokenizer, base=config.base, gguf_file=config.gguf_file)
+    model_id = DEMO_BASE_ID if config.base is None else str(config.base)
+
+    # Examples wrapped in the prompt template (its last token is the answer position, where
+    # --label-tokens heads read the answers' vocabulary rows); over-long ones truncated at
+    # the end the head does not read (a decoder's head reads the last token).
+    keep_end = keeps_end(model.config, template)
+    train_enc, n_long = _encode(config, train, tokenizer, config.max_length, config.drop_long,
+                                keep_end)
     dev_enc = None
     if dev is not None:
         limit = max(config.max_length, 512)
         limit = min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
-        dev_enc, _ = encode(dev, tokenizer, limit, drop_long=False)
+        dev_enc, _ = _encode(config, dev, tokenizer, limit, False, keep_end)
     if len(train_enc["labels"]) < world_size:
         raise SparseMergeError(f"only {len(train_enc['labels'])} training examples for "
                                f"{world_size} processes")
@@ -293,22 +353,13 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
         "train": {"source": train.source, "examples": len(train_enc["labels"]),
                   "skipped_bad_rows": train.skipped, "truncated_long": n_long.truncated,
                   "dropped_long": n_long.dropped,
-                  "label_counts": train.label_counts()},
-        "labels": list(train.labels),
+                  **({} if config.objective == "lm" else
+                     {"label_counts": train.label_counts()})},
+        "labels": labels,
     }
     if dev is not None:
         data_info["dev"] = {"source": dev.source, "examples": len(dev),
                             "skipped_bad_rows": dev.skipped}
-
-    # Task model with a fresh head (initialised as the SpaRTA paper does, or from label
-    # tokens); the SparseModel freezes everything else and attaches the method.
-    # Loaded in its own dtype (--base-dtype) straight onto the device: no fp32 copy anywhere.
-    model = load_task_model(config.base, list(train.labels), gguf_file=config.gguf_file,
-                            dtype=config.base_dtype, device=device,
-                            pad_token_id=resolve_pad_token_id(tokenizer))
-    init_head(model, seed=config.seed, label_tokens=config.label_tokens, tokenizer=tokenizer,
-              base=config.base, gguf_file=config.gguf_file)
-    model_id = DEMO_BASE_ID if config.base is None else str(config.base)
 
     def sample_batches() -> Iterator[dict]:
         for b in batches(train_enc, config.effective_batch_size, True, config.seed, 0, rank,
@@ -338,7 +389,7 @@ def setup(config: TrainConfig, *, rank: int | None = None, world_size: int | Non
                                   world_size)
     total = config.max_steps or config.epochs * steps_per_epoch
     run = Run(config=config, model=model, forward=forward, tokenizer=tokenizer, sparse=sparse,
-              task=config.head_name()[0], labels=list(train.labels), train_data=train_enc,
+              task=config.head_name()[0], labels=labels, train_data=train_enc,
               dev_data=dev_enc, data_info=data_info, optimizer=build_optimizer(sparse, config),
               steps_per_epoch=steps_per_epoch, total_steps=total,
               warmup_steps=round(config.warmup_ratio * total), rank=rank, world_size=world_size,
@@ -368,12 +419,12 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         g["lr"] = g["initial_lr"] * factor
     batch = run.to_device(batch)
     run.forward.train()
-    n = batch["labels"].numel()
+    n = batch["labels"].shape[0]
     total = all_sum([float(n)], run.device)[0] if run.world_size > 1 else float(n)
     parts = micro_batches(batch, cfg.grad_accum)
     loss_sum, correct = 0.0, 0
     for i, part in enumerate(parts):
-        m = part["labels"].numel()
+        m = part["labels"].shape[0]
         # DDP all-reduces gradients on the last micro-batch's backward only.
         last = i + 1 == len(parts) or run.world_size == 1
         with contextlib.nullcontext() if last else run.forward.no_sync():
@@ -384,7 +435,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
             loss = out.loss * (m * run.world_size / total)
             (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += float(out.loss.detach()) * m
-        correct += int((out.logits.detach().argmax(-1) == part["labels"]).sum())
+        if run.config.objective != "lm":  # LM steps report their loss only
+            correct += int((out.logits.detach().argmax(-1) == part["labels"]).sum())
     if cfg.grad_clip is not None:
         if scaler is not None:
             scaler.unscale_(opt)
@@ -405,6 +457,11 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
 def evaluate(run: Run) -> dict[str, float] | None:
     if run.dev_data is None:
         return None
+    if run.config.objective == "lm":
+        with run.autocast():
+            return evaluate_lm(run.model, run.dev_data, run.config.eval_batch_size,
+                               generate_tokens=run.config.eval_generate,
+                               tokenizer=run.tokenizer)
 
     def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
@@ -600,7 +657,8 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
         correct, seen = int(correct), int(seen)
         entry = {"step": run.step, "epoch": epoch + 1,
                  "train_loss": total_loss / seen if seen else None,
-                 "train_accuracy": correct / seen if seen else None}
+                 "train_accuracy": (correct / seen if seen and cfg.objective != "lm"
+                                    else None)}
         state["window"] = [0.0, 0, 0]
         if metrics is not None:
             entry["eval"] = metrics
@@ -616,7 +674,8 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
         tl = entry["train_loss"]
         bar.log(f"step {run.step} epoch {epoch + 1}: train loss "
                 f"{'-' if tl is None else f'{tl:.4f}'}"
-                + (f" acc {entry['train_accuracy']:.4f}" if seen else "")
+                + (f" acc {entry['train_accuracy']:.4f}"
+                   if entry["train_accuracy"] is not None else "")
                 + (f" | dev {_fmt(metrics)}" if metrics else "")
                 + (" | early stop" if state["stopped"] else ""))
 
@@ -635,7 +694,7 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
                 continue
             loss, correct = train_step(run, batch)
             total_loss, n_correct, seen = state["window"]
-            n = int(batch["labels"].numel())
+            n = int(batch["labels"].shape[0])
             state["window"] = [total_loss + loss * n, n_correct + correct, seen + n]
             bar.update(f"epoch {epoch + 1}", f"loss {loss:.4f}")
             if cfg.eval_steps is not None and run.step % cfg.eval_steps == 0:
@@ -698,7 +757,9 @@ def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -
     dev_metrics = {k: v for k, v in metrics.items()}
     if dev_metrics and run.config.task in TASKS:
         dev_metrics["task_metric"] = TASKS[run.config.task].metrics[0]
-    return run.sparse.export(metrics=dev_metrics, hyperparameters=hp, extra=extra)
+    prompt = cfg.prompt()
+    return run.sparse.export(metrics=dev_metrics, hyperparameters=hp, extra=extra,
+                             prompt=None if prompt is None else prompt.to_dict())
 
 
 __all__ = ["Run", "TrainResult", "build_adapter", "evaluate", "load_data", "lr_factor",

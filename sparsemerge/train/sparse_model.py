@@ -255,10 +255,13 @@ class SparseModel(nn.Module):
 
     def export(self, *, metrics: dict[str, Any] | None = None,
                hyperparameters: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> SparseAdapter:
+               extra: dict[str, Any] | None = None,
+               prompt: dict[str, Any] | None = None) -> SparseAdapter:
         """The adapter as trained so far: the method's deltas, the head (named
         ``task_name``, labels from ``model.config.id2label``) and the base's fingerprint.
-        ``hyperparameters`` add to the config's; ``extra`` replaces the default metadata."""
+        ``hyperparameters`` add to the config's; ``extra`` replaces the default metadata;
+        ``prompt`` is the template the head's inputs were wrapped in
+        (``PromptTemplate.to_dict()``), stored with the head so scoring wraps them alike."""
         method = self.require_method()
         cfg = self.sparse_config
         heads = {}
@@ -266,7 +269,8 @@ class SparseModel(nn.Module):
             mc = self.model.config
             labels = [str(mc.id2label[i]) for i in range(mc.num_labels)]
             heads[cfg.task_name] = export_head(
-                self.model, labels, mc.problem_type or "single_label_classification")
+                self.model, labels, mc.problem_type or "single_label_classification",
+                prompt=prompt)
         hp = {k: v for k, v in cfg.to_dict().items() if k != "quiet"}
         hp.update(hyperparameters or {})
         hp["method_params"] = dict(method.hparams)  # resolved: every param, defaults included

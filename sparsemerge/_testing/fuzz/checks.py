@@ -48,7 +48,7 @@ def adapter_digest(a: SparseAdapter) -> str:
             add_sparse(t.lowrank.b)
     for task in sorted(a.heads):
         hd = a.heads[task]
-        add(task, hd.module, hd.labels, hd.problem_type)
+        add(task, hd.module, hd.labels, hd.problem_type, json.dumps(hd.prompt, sort_keys=True))
         for p in sorted(hd.params):
             add(p, tuple(hd.params[p].shape), str(hd.params[p].dtype))
             h.update(st_bytes(hd.params[p]))
@@ -60,6 +60,18 @@ def adapter_digest(a: SparseAdapter) -> str:
 
 
 VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _prompt_ok(prompt: Any) -> bool:
+    """No prompt, or {template: str, chat: bool} whose template is valid UTF-8."""
+    if prompt is None:
+        return True
+    if not (isinstance(prompt, dict) and set(prompt) <= {"template", "chat"}
+            and isinstance(prompt.get("template"), str)
+            and isinstance(prompt.get("chat", False), bool)):
+        return False
+    prompt["template"].encode("utf-8")  # no lone surrogates
+    return True
 
 
 def _check_sparse(s: SparseTensor, what: str) -> None:
@@ -110,6 +122,7 @@ def check_adapter(a: SparseAdapter) -> None:
         for x in [task, *h.labels]:
             x.encode("utf-8")
         assert h.params, f"head {task}: no params"
+        assert _prompt_ok(h.prompt), f"head {task}: prompt {h.prompt!r}"
         for p, v in h.params.items():
             assert v.dtype in VALUE_DTYPES, f"head {task}.{p}: dtype {v.dtype}"
             assert bool(torch.isfinite(v).all()), f"head {task}.{p}: non-finite"
@@ -137,6 +150,7 @@ def check_merged(m: Any) -> None:
         for x in labels:
             x.encode("utf-8")
         assert h.params, f"head {task}: no params"
+        assert _prompt_ok(h.config.get("prompt")), f"head {task}: prompt"
         for name, t in h.params.items():
             assert t.is_floating_point() and bool(torch.isfinite(t.float()).all()), name
     json.dumps([m.recipe, m.config, [h.config for h in m.heads.values()]],
