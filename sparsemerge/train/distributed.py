@@ -24,9 +24,9 @@ from datetime import timedelta
 import torch
 
 from sparsemerge.errors import SparseMergeError
+from sparsemerge.formats.adapter_file import DTYPES
 from sparsemerge.train.config import DEVICES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
