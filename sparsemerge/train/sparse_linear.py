@@ -52,6 +52,13 @@ per MiniLM layer at 0.5-0.7 % density); the dense weight gradient would be ~3-13
   dropout) and layouts stay natural. Only for fp32 weights on CPU; ``layouts=False``
   disables it. Values never depend on the layout, only speed does.
 
+On a GPU
+--------
+No CSR pattern: ``dvalues`` comes from dense blocks of ``dY^T @ X`` (at most 64 MiB of fp32
+each, freed at once) gathered at the indices. Tensor cores make that matmul cheap, and
+``sampled_addmm`` on CUDA returned wrong values for the operands the CPU path passes (seen on
+an H200, torch 2.11 + CUDA 13: ``test_cuda_sddmm_matches_autograd``).
+
 Re-sync
 -------
 Automatic: each forward compares the ``_version`` counters of ``values`` (and ``gate``) with
@@ -114,6 +121,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import SparseMergeError
 
 IMPLS = ("fast", "autograd")
+_GPU_BLOCK = 1 << 24  # fp32 entries of one transient dense dW block on a GPU (64 MiB)
 VALUES_ATTR = "sparse_delta_values"
 GATE_ATTR = "sparse_delta_gate"
 _MARK = "_sparse_delta_target"
@@ -223,9 +231,27 @@ def _transposed_input(target: SparseDeltaTarget, x: torch.Tensor,
     return (_t_as(x2, dtype) if cache is None else cache.get(x2, x, dtype)), False
 
 
+def _row_blocks(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """``(first row, end row, first index, end index)`` blocks of the weight's rows, each at most
+    ``_GPU_BLOCK`` entries, with the slice of the sorted ``indices`` that falls in each."""
+    out_f, in_f = shape
+    step = max(1, _GPU_BLOCK // in_f)
+    starts = list(range(0, out_f, step))
+    edges = torch.tensor([r * in_f for r in starts] + [out_f * in_f], device=indices.device)
+    bounds = torch.searchsorted(indices, edges).tolist()
+    return [(r, min(r + step, out_f), bounds[i], bounds[i + 1]) for i, r in enumerate(starts)]
+
+
 def _sddmm(target: SparseDeltaTarget, gyt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     """(dY^T @ X) at the target's indices in row-major order, fp32; ``gyt`` = dY^T (out, T)
     and ``xt`` = X^T (in, T), both contiguous fp32."""
+    if target._row_blocks is not None:  # a GPU: dense blocks of dW, gathered
+        vals = torch.empty(target.indices.numel(), dtype=torch.float32, device=gyt.device)
+        in_f = xt.shape[0]
+        for r0, r1, lo, hi in target._row_blocks:
+            block = torch.mm(gyt[r0:r1], xt.t()).view(-1)
+            vals[lo:hi] = block.index_select(0, target.indices[lo:hi] - r0 * in_f)
+        return vals
     if target._perm is None:
         return torch.sparse.sampled_addmm(target._pattern, gyt, xt.t(), beta=0.0).values()
     # Wide input (in > out): stream the bigger X^T row by row, gather from the smaller dY^T,
@@ -364,7 +390,10 @@ class SparseDeltaTarget:
         self._xt_cache = xt_cache
         self._pattern: torch.Tensor | None = None
         self._perm: torch.Tensor | None = None
-        if impl == "fast":
+        self._row_blocks: list[tuple[int, int, int, int]] | None = None
+        if impl == "fast" and dev.type != "cpu":
+            self._row_blocks = _row_blocks(self.indices, self.shape)
+        elif impl == "fast":
             if in_f > out_f:
                 # The CPU kernel walks the CSR rows of its first operand in order and reads the
                 # second at random rows: better the random reads hit the smaller dY^T. So the
