@@ -144,12 +144,13 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
                   tasks: Sequence[str] | None = None, data_dir: str | None = None,
                   split: str = "dev", max_examples: int | None = ZERO_SHOT_EXAMPLES,
                   max_length: int = 256, batch_size: int = 8, force: bool = False,
-                  device: str | torch.device | None = None) -> dict[str, Any]:
+                  device: str | torch.device | None = None,
+                  base_dtype: str | torch.dtype = "fp32") -> dict[str, Any]:
     """Plain-text next-token loss of a decoder base, and its zero-shot accuracy on the
     prompted ``tasks`` (default: SST-2 and CoLA, whose dev splits ship; with ``data_dir``
     every task of :data:`ZERO_SHOT_PROMPTS`), before and after applying ``adapter``
-    (computed on ``device``, default CPU). ``max_examples``: the first N of each split
-    (None: all)."""
+    (computed on ``device``, default CPU, with the base in ``base_dtype``). ``max_examples``:
+    the first N of each split (None: all)."""
     from sparsemerge.apply import apply
     from sparsemerge.data.tasks import load_task, plain_text_sample
     from sparsemerge.models import adapter_base, load_causal_lm, load_tokenizer
@@ -173,7 +174,7 @@ def lm_forgetting(adapter: SparseAdapter | str | Path, *, base: str | None = Non
             data = data.select(range(min(max_examples, len(data))))
         template, answers = ZERO_SHOT_PROMPTS[task]
         prompted[task] = (data, PromptTemplate(template, chat), answers)
-    model = load_causal_lm(base, gguf_file=gguf_file, dtype=torch.float32, device=device).eval()
+    model = load_causal_lm(base, gguf_file=gguf_file, dtype=base_dtype, device=device).eval()
 
     def measure() -> tuple[dict[str, float], dict[str, float]]:
         return (lm_loss(model, tok, texts, max_length=max_length, batch_size=batch_size),
@@ -198,9 +199,10 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
                     task: str | None = None, data_dir: str | None = None, split: str = "dev",
                     max_examples: int | None = None, batch_size: int = 64,
                     max_length: int = 512, force: bool = False,
-                    device: str | torch.device | None = None) -> dict[str, Any]:
+                    device: str | torch.device | None = None,
+                    base_dtype: str | torch.dtype = "auto") -> dict[str, Any]:
     """Dev metrics of the ``alongside`` adapter's task alone and merged (sum) with ``adapter``
-    (computed on ``device``, default CPU).
+    (computed on ``device``, default CPU, with the base in ``base_dtype``).
 
     ``task``: the preset to evaluate (default: the one ``alongside`` was trained on, with its
     ``data_dir``); ``max_examples``: score only the first N examples of the split.
@@ -231,7 +233,7 @@ def task_forgetting(adapter: SparseAdapter | str | Path, alongside: SparseAdapte
 
     def score(a: SparseAdapter) -> dict[str, float]:
         model, tok, _, _ = load_adapted(a, base, gguf_file=gguf_file, task=other_task,
-                                        force=force, device=device)
+                                        force=force, device=device, base_dtype=base_dtype)
         return evaluate_data(model, tok, data, batch_size=batch_size, max_length=max_length,
                              template=head_template(other, other_task))
 

@@ -321,6 +321,11 @@ def test_lm_forgetting_on_a_tiny_decoder_and_cli(tiny_llama_dir, tmp_path):
     assert out["kind"] == "lm" and out["texts"] > 100  # the shipped plain-text sample
     assert out["forgetting"] == pytest.approx(out["adapted_loss"] - out["base_loss"])
     assert {t: z["examples"] for t, z in out["zero_shot"].items()} == {"sst2": 200, "cola": 200}
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "gated"), "--forgetting",
+                                   "--base", str(tiny_llama_dir), "--base-dtype", "bf16", "--json"])
+    half = json.loads(res.stdout)  # --base-dtype is honoured: bf16 rounding moves the loss a bit
+    assert half["base_loss"] != out["base_loss"]
+    assert half["base_loss"] == pytest.approx(out["base_loss"], abs=0.05)
 
 
 def test_task_forgetting_and_encoder_cli_error(tiny_bert_dir, data, tmp_path):

@@ -508,7 +508,8 @@ def evaluate(
     if forgetting or alongside is not None:
         _forgetting(adapters[0], alongside, base=base, gguf_file=gguf_file, task=task,
                     data_dir=data_dir, split=split, batch_size=batch_size,
-                    max_length=max_length, force=force, device=dev, json_out=json_out)
+                    max_length=max_length, force=force, device=dev, base_dtype=base_dtype,
+                    json_out=json_out)
         return
     with user_errors():
         if data is not None:
