@@ -21,9 +21,23 @@ from sparsemerge.cli.multihead import (
 from sparsemerge.data.tasks import TASKS
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.quickstart import SHIPPED_TASKS
-from sparsemerge.train.config import TrainConfig
+from sparsemerge.train.config import (
+    DEFAULT_LR,
+    HEAD_LR_FACTOR,
+    SPARTA_AUTO_HEAD_LR,
+    SPARTA_LR_MAX,
+    SPARTA_LR_X_DENSITY,
+    TrainConfig,
+    sparta_auto_lr,
+)
 
 _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_LR_HELP = (f"Learning rate of the trainable backbone entries, or auto: SpaRTA "
+            f"{SPARTA_LR_X_DENSITY:g} / density, at most {SPARTA_LR_MAX:g} "
+            f"({sparta_auto_lr(_D['density']):g} at the default --density), other methods "
+            f"{DEFAULT_LR:g}.")
+_HEAD_LR_HELP = (f"Learning rate of the head (default: {SPARTA_AUTO_HEAD_LR:g} for SpaRTA with "
+                 f"--lr auto, else {HEAD_LR_FACTOR:g} x --lr).")
 _TASKS = "|".join(TASKS)
 # --method / --param help without the method list: TrainCommand adds it when help is shown
 # (the registry lives beside the methods' torch code, so importing it imports torch).
@@ -236,10 +250,9 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N steps (overrides "
                                                        "--epochs).", rich_help_panel=_OPT)
                          ] = None,
-    lr: Annotated[float, typer.Option(help="Learning rate of the sparse deltas.",
-                                      rich_help_panel=_OPT)] = _D["lr"],
-    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the head (default "
-                                                       "5 x --lr).", rich_help_panel=_OPT)
+    lr: Annotated[str, typer.Option(help=_LR_HELP, metavar="<float|auto>",
+                                    rich_help_panel=_OPT)] = _D["lr"],
+    head_lr: Annotated[float | None, typer.Option(help=_HEAD_LR_HELP, rich_help_panel=_OPT)
                        ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (deltas and head "
                                                      "weight).", rich_help_panel=_OPT)

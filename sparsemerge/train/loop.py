@@ -165,20 +165,10 @@ def load_data(config: TrainConfig) -> tuple[LabeledData | LMData, LabeledData | 
     ``--objective lm`` conversations."""
     if config.objective == "lm":
         return _load_lm(config)
-    if config.task is not None:
-        spec = TASKS.get(config.task)
-        if spec is None:
-            raise SparseMergeError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
-        train = load_task(spec, config.data_dir, "train", skip_bad_rows=config.skip_bad_rows)
-        dev = None
-        if config.eval_file is None and "dev" in spec.files:
-            dev = load_task(spec, config.data_dir, "dev", skip_bad_rows=config.skip_bad_rows)
-    else:
-        train = read_table(config.train_file, text_column=config.text_column,
-                           text_pair_column=config.text_pair_column,
-                           label_column=config.label_column, labels=config.labels,
-                           skip_bad_rows=config.skip_bad_rows, has_header=not config.no_header)
-        dev = None
+    train = load_train(config)
+    dev = None
+    if config.task is not None and config.eval_file is None and "dev" in TASKS[config.task].files:
+        dev = load_task(config.task, config.data_dir, "dev", skip_bad_rows=config.skip_bad_rows)
     if config.eval_file is not None:
         dev = read_table(config.eval_file,
                          text_column=config.text_column or (TASKS[config.task].text_column
@@ -194,6 +184,20 @@ def load_data(config: TrainConfig) -> tuple[LabeledData | LMData, LabeledData | 
         raise SparseMergeError(f"{train.source}: only one label ({train.labels[0]!r}) in the "
                                "training data; a classifier needs at least two")
     return train, dev
+
+
+def load_train(config: TrainConfig) -> LabeledData:
+    """The whole labelled training split (before ``max_train_examples``), never the dev
+    split: ``merge --calibrate`` holds rows of it out through this same reader."""
+    if config.task is None:
+        return read_table(config.train_file, text_column=config.text_column,
+                          text_pair_column=config.text_pair_column,
+                          label_column=config.label_column, labels=config.labels,
+                          skip_bad_rows=config.skip_bad_rows, has_header=not config.no_header)
+    spec = TASKS.get(config.task)
+    if spec is None:
+        raise SparseMergeError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
+    return load_task(spec, config.data_dir, "train", skip_bad_rows=config.skip_bad_rows)
 
 
 def _load_lm(config: TrainConfig) -> tuple[LMData, LMData | None]:
@@ -244,11 +248,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def build_optimizer(sparse: SparseModel, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over ``sparse.param_groups`` at the config's learning rates and weight decay;
     each group's ``initial_lr`` is what the schedule scales (``train_step``)."""
-    groups = sparse.param_groups(config.lr, head_lr=config.head_learning_rate,
+    groups = sparse.param_groups(config.learning_rate, head_lr=config.head_learning_rate,
                                  weight_decay=config.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def _settle(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -746,6 +750,8 @@ def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -
                        "device")}
     hp["datasets"] = [cfg.task if cfg.task else str(cfg.train_file)]
     hp["head"] = run.task
+    hp["lr"] = cfg.learning_rate  # resolved; lr_rule says whether --lr auto chose it
+    hp["lr_rule"] = "auto" if cfg.lr == "auto" else "explicit"
     hp["head_lr"] = cfg.head_learning_rate
     extra = {
         "training": {"steps": run.step, "epochs": run.step / run.steps_per_epoch,
@@ -762,5 +768,5 @@ def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -
                              prompt=None if prompt is None else prompt.to_dict())
 
 
-__all__ = ["Run", "TrainResult", "build_adapter", "evaluate", "load_data", "lr_factor",
-           "metric_names", "setup", "train", "train_step"]
+__all__ = ["Run", "TrainResult", "build_adapter", "evaluate", "load_data", "load_train",
+           "lr_factor", "metric_names", "setup", "train", "train_step"]
