@@ -7,6 +7,7 @@ on the adapters it wrote, as the README tells users to run them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 
 from sparsemerge import load_adapter
 from sparsemerge.cli import app
+from tests.test_lm_objective import causal_llama  # noqa: F401 (fixture of test_trl_sft)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -166,3 +168,20 @@ def test_trainer(tiny_bert_dir, tmp_path):
     assert adapter.metrics["accuracy"] == summary["dev_accuracy"]
     r = CliRunner().invoke(app, ["inspect", str(out), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "sparta"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                    reason="trl not installed: pip install -e '.[trl]'")
+def test_trl_sft(causal_llama, tmp_path):  # noqa: F811
+    """``trl_sft.py``: TRL's SFTTrainer through get_sparse_model; its adapter answers through
+    ``generate`` in the chat format it was trained in."""
+    out = tmp_path / "adapter"
+    summary = last_json(run(EXAMPLES / "trl_sft.py", "--base", causal_llama, "--data-dir",
+                            glue_dir(tmp_path / "glue"), "--out", out, "--max-steps", 2,
+                            "--max-train-examples", 8, "--eval-examples", 2, "--json"))
+    assert summary["adapter"] == str(out) and summary["steps"] == 2
+    assert summary["dev_examples"] == 2 and 0.0 <= summary["dev_exact_match"] <= 1.0
+    adapter = load_adapter(out)
+    assert adapter.method == "sparta" and adapter.heads == {}
+    assert adapter.trainable == summary["trainable"] > 0
+    assert adapter.hyperparameters["chat_template"] is True

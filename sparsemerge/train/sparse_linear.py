@@ -62,11 +62,13 @@ an H200, torch 2.11 + CUDA 13: ``test_cuda_sddmm_matches_autograd``).
 Re-sync
 -------
 Automatic: each forward compares the ``_version`` counters of ``values`` (and ``gate``) with
-the ones at the last sync and re-writes the weight when they changed. Every in-place
-optimizer update (``add_``, ``addcdiv_``, foreach and fused AdamW, ``load_state_dict``'s
-``copy_``) bumps these counters, so ``opt.step(); model(x)`` just works and costs one Python
-comparison per layer when nothing changed. Changes made through ``.data`` (which has its own
-version counter) are invisible: call ``SparseDeltaSet.sync()`` after those. The weight is
+the ones at the last sync and re-writes the weight when they changed. In-place updates
+(``add_``, ``addcdiv_``, plain and foreach AdamW, ``load_state_dict``'s ``copy_``) bump these
+counters, so ``opt.step(); model(x)`` just works and costs one Python comparison per layer
+when nothing changed. Invisible are changes made through ``.data`` (its own counter) and
+torch's *fused* AdamW (``fused=True``, transformers' default ``adamw_torch_fused``), which
+updates without bumping them: call :func:`sync_all` (``SparseModel.after_step`` does) after
+those. The weight is
 never written between a forward and its backward unless ``values`` change in between (which
 would be a bug in the training loop anyway).
 
@@ -608,6 +610,15 @@ class SparseDeltaSet:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+def sync_all(model: nn.Module) -> None:
+    """Re-write every weight of ``model`` that carries a sparse delta, changed or not: what
+    the lazy re-sync cannot see (see Re-sync above) reaches the next forward. O(nnz)."""
+    for module in model.modules():
+        target = getattr(module, _MARK, None)
+        if target is not None:
+            target.sync(force=True)
 
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int) -> torch.Tensor:

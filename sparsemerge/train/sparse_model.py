@@ -17,7 +17,9 @@ The stepping rule, the same in every loop. Call ``after_step(optimizer)`` after 
 optimizer step and ``end_of_epoch(epoch, optimizer)`` after every full epoch
 (:class:`~sparsemerge.train.callbacks.SparseCallback` does both inside a ``Trainer``). Most
 methods keep their trainable tensors for the whole run, so any optimizer over the trainable
-parameters works. RIGSA's pruning rounds replace them: build the optimizer from
+parameters works, fused ones too: ``after_step`` re-writes the weights the sparse fast path
+keeps merged, whose lazy re-sync cannot see a fused optimizer's update. RIGSA's pruning
+rounds replace the trainable tensors: build the optimizer from
 :meth:`SparseModel.param_groups` (its groups are named), and the hooks put the new tensors
 into the groups of the same names, in place -- AdamW's moments restart for them, as with a
 new optimizer; learning rates and the schedule go on. The hooks return True when that
@@ -55,6 +57,7 @@ from sparsemerge.models import (
 from sparsemerge.train.config import HEAD_LR_FACTOR, SparseConfig
 from sparsemerge.train.heads import export_head, head_parameters, init_head
 from sparsemerge.train.methods import Method, get_method
+from sparsemerge.train.sparse_linear import sync_all
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -202,7 +205,9 @@ class SparseModel(nn.Module):
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Call after every optimizer step; True if the method replaced its trainable
         tensors (they are in ``optimizer`` now; see :meth:`sync_optimizer`)."""
-        self.require_method().after_step()
+        method = self.require_method()
+        sync_all(self.model)  # a fused optimizer's update is invisible to the lazy re-sync
+        method.after_step()
         return self.sync_optimizer(optimizer)
 
     def end_of_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
