@@ -105,6 +105,16 @@ def merge(
         "--sparsify", metavar="magnitude|dare",
         help="Fully fine-tuned inputs: keep the largest |Δ| or a DARE sample (default "
              "magnitude).", show_default=False)] = None,
+    calibrate: Annotated[int | None, typer.Option(
+        "--calibrate", metavar="N",
+        help="Choose the weights (and density / lambda) on N held-out rows of each input's own "
+             "training data, read from where its metadata says it trained (never a dev "
+             "split): the merge whose worst task stays closest to its own adapter.",
+        show_default=False)] = None,
+    refit_heads: Annotated[int | None, typer.Option(
+        "--refit-heads", metavar="STEPS",
+        help="Then retrain each task's head STEPS steps on the merged backbone (kept frozen), "
+             "on the training rows its adapter trained on.", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(
         "--config", metavar="RECIPE.yaml",
         help="YAML recipe with the same options (flags given here override it).",
@@ -120,7 +130,8 @@ def merge(
                               weights=weights, params=param, heads=heads, base=base,
                               output=output, max_shard_size=max_shard_size,
                               input_density=input_density, sparsify=sparsify,
-                              base_dtype=base_dtype)
+                              base_dtype=base_dtype, calibrate=calibrate,
+                              refit_heads=refit_heads)
         with _progress(enabled=not json_out) as progress:
             report = run_recipe(recipe, force=force, progress=progress)
     if json_out:
@@ -157,7 +168,9 @@ def _progress(enabled: bool) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    names = {"load": "loading inputs", "merge": "merging tensors", "write": "writing backbone"}
+    names = {"load": "loading inputs", "calibrate": "calibrating weights",
+             "merge": "merging tensors", "refit": "refitting heads",
+             "write": "writing backbone"}
     bars: dict[str, Any] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True) as prog:

@@ -19,6 +19,9 @@ A recipe file (``sparsemerge merge --config recipe.yaml``), mergekit-style::
     input_density: 0.01          # full fine-tunes only: fraction of Δ kept
     sparsify: magnitude          # full fine-tunes only: magnitude | dare
     seed: 0                      # full fine-tunes only: DARE seed
+    calibrate: 200               # choose weights (and density / lam) on 200 held-out training
+                                 #   rows per task (sparsemerge.merge.calibrate); 0 = off
+    refit_heads: 200             # then retrain each head 200 steps on the merged backbone
 
 Relative ``inputs`` / ``output`` / ``base`` paths are resolved against the recipe file's
 folder, so a recipe and its adapters can move together. Command-line flags given alongside
@@ -56,6 +59,8 @@ _KEYS = {
     "input_density": "input_density",
     "sparsify": "sparsify",
     "seed": "seed",
+    "calibrate": "calibrate",
+    "refit_heads": "refit_heads",
 }
 _PARAM_ALIASES = {"lambda": "lam"}
 _INPUT_DENSITY = Param("input_density", float, DEFAULT_INPUT_DENSITY,
@@ -64,6 +69,10 @@ _INPUT_DENSITY = Param("input_density", float, DEFAULT_INPUT_DENSITY,
 _SPARSIFY = Param("sparsify", str, "magnitude", "how a full fine-tune's delta is sparsified",
                   choices=("magnitude", "dare"))
 _SEED = Param("seed", int, 0, "seed of DARE sparsification of full fine-tunes", low=0)
+_CALIBRATE = Param("calibrate", int, 0, "held-out training rows per task on which the merge "
+                   "weights are chosen (0 = off)", low=0)
+_REFIT = Param("refit_heads", int, 0, "steps each head is retrained on the merged backbone "
+               "(0 = off)", low=0)
 
 
 @dataclass
@@ -119,6 +128,8 @@ class MergeRecipe:
     input_density: float = DEFAULT_INPUT_DENSITY
     sparsify: str = "magnitude"
     seed: int = 0
+    calibrate: int = 0  # held-out training rows per task to choose the weights on (0 = off)
+    refit_heads: int = 0  # steps each head is retrained on the merged backbone (0 = off)
 
     @property
     def weights(self) -> list[float]:
@@ -136,6 +147,8 @@ class MergeRecipe:
         self.input_density = _INPUT_DENSITY.check(self.input_density, "recipe: ")
         self.sparsify = _SPARSIFY.check(self.sparsify, "recipe: ")
         self.seed = _SEED.check(self.seed, "recipe: ")
+        self.calibrate = _CALIBRATE.check(self.calibrate, "recipe: ")
+        self.refit_heads = _REFIT.check(self.refit_heads, "recipe: ")
         if not isinstance(self.heads, bool):
             raise SparseMergeError(f"recipe: 'heads' must be true or false, got {self.heads!r}")
         from sparsemerge.models import BASE_DTYPES
@@ -231,7 +244,8 @@ def recipe_from_dict(data: Any, *, where: str = "recipe", root: Path | None = No
             setattr(r, key, _path(opts[key], root, only_if_exists=key == "base"))
     if "heads" in opts:
         r.heads = opts["heads"]
-    for key in ("max_shard_size", "input_density", "sparsify", "seed", "base_dtype"):
+    for key in ("max_shard_size", "input_density", "sparsify", "seed", "base_dtype",
+                "calibrate", "refit_heads"):
         if key in opts:
             setattr(r, key, opts[key])
     return r
@@ -280,7 +294,9 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
                  heads: bool | None = None, base: str | None = None,
                  output: str | None = None, max_shard_size: int | str | None = None,
                  input_density: float | None = None, sparsify: str | None = None,
-                 seed: int | None = None, base_dtype: str | None = None) -> MergeRecipe:
+                 seed: int | None = None, base_dtype: str | None = None,
+                 calibrate: int | None = None, refit_heads: int | None = None
+                 ) -> MergeRecipe:
     """A validated recipe from command-line values (``None`` = not given), on top of
     ``config`` when given. Flags override the file; command-line inputs replace its inputs."""
     r = load_recipe(config) if config is not None else MergeRecipe()
@@ -308,7 +324,8 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
             inp.weight = w
     for key, value in (("heads", heads), ("base", base), ("output", output),
                        ("max_shard_size", max_shard_size), ("input_density", input_density),
-                       ("sparsify", sparsify), ("seed", seed), ("base_dtype", base_dtype)):
+                       ("sparsify", sparsify), ("seed", seed), ("base_dtype", base_dtype),
+                       ("calibrate", calibrate), ("refit_heads", refit_heads)):
         if value is not None:
             setattr(r, key, value)
     return r.validate()
@@ -372,9 +389,28 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
     recipe.validate()
     t0 = time.perf_counter()
     adapters, base, gguf = load_inputs(recipe, progress=progress)
+    tc = time.perf_counter()
+    calibration = None
+    if recipe.calibrate:
+        from sparsemerge.merge.calibrate import calibrate
+
+        found = calibrate(adapters, recipe.method, recipe.parameters, recipe.weights,
+                          recipe.calibrate, base=recipe.base if recipe.base is not None else base,
+                          gguf_file=gguf, progress=progress)
+        recipe.parameters = found["parameters"]
+        for inp, w in zip(recipe.inputs, found["weights"], strict=True):
+            inp.weight = w
+        calibration = found["record"]
     t1 = time.perf_counter()
     merged = merge_adapters(adapters, recipe.method, recipe.parameters, recipe.weights,
                             progress=progress)
+    refit = None
+    if recipe.refit_heads:
+        from sparsemerge.merge.calibrate import refit_heads
+
+        refit = refit_heads(merged, adapters, recipe.refit_heads,
+                            base=recipe.base if recipe.base is not None else base,
+                            gguf_file=gguf, progress=progress)
     t2 = time.perf_counter()
     record = merged.extra["merge"]
     report: dict[str, Any] = {
@@ -383,6 +419,9 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         "inputs": record["inputs"], "tasks": list(merged.heads), "targets": len(merged.targets),
         "nnz": sum(t.sparse.nnz for t in merged.targets.values() if t.sparse is not None),
     }
+    extras = {k: v for k, v in (("calibration", calibration), ("refit_heads", refit))
+              if v is not None}
+    report.update(extras)
     if recipe.heads and not merged.heads and all(
             a.hyperparameters.get("objective") == "lm" for a in adapters):
         report["kind"] = "causal-lm"
@@ -393,7 +432,8 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         body = {"method": recipe.method, "reference": record["reference"],
                 "parameters": recipe.parameters, "weights": recipe.weights,
                 "inputs": record["inputs"],
-                "recipe": {k: v for k, v in recipe.to_dict().items() if k != "inputs"}}
+                "recipe": {k: v for k, v in recipe.to_dict().items() if k != "inputs"},
+                **extras}
         report["backbone"] = save_merged_model(
             merged, recipe.output, base=recipe.base if recipe.base is not None else base,
             gguf_file=gguf, recipe=body, max_shard_size=recipe.max_shard_size, force=force,
@@ -403,7 +443,8 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
             _check_base_now(merged, recipe.base, gguf, force)
         save_adapter(merged, recipe.output)
     t3 = time.perf_counter()
-    report["seconds"] = {"load": round(t1 - t0, 3), "merge": round(t2 - t1, 3),
+    report["seconds"] = {"load": round(tc - t0, 3), "calibrate": round(t1 - tc, 3),
+                         "merge": round(t2 - t1, 3),
                          "write": round(t3 - t2, 3), "total": round(t3 - t0, 3)}
     return report
 
