@@ -51,6 +51,7 @@ from torch import nn
 
 from sparsemerge.adapter import BaseInfo, SparseAdapter
 from sparsemerge.data.batching import (
+    IGNORE_INDEX,
     Encoded,
     LongCounts,
     batches,
@@ -413,32 +414,43 @@ def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torc
             for i in range(k)]
 
 
+def _loss_items(part: dict[str, torch.Tensor], lm: bool) -> int:
+    """What the model's mean loss on ``part`` averages over: its rows, or for the causal-LM
+    objective its response tokens -- the labels the model keeps after shifting them one
+    position (the first token is predicted by nothing)."""
+    labels = part["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if lm else int(labels.shape[0])
+
+
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """One optimizer step on ``batch`` (this rank's share of the global batch) in
-    ``grad_accum`` micro-batches; returns (this rank's mean loss, its number of correct
-    predictions)."""
+    ``grad_accum`` micro-batches; returns (this rank's mean loss -- per response token for
+    the causal-LM objective --, its number of correct predictions)."""
     cfg, opt, scaler = run.config, run.optimizer, run.scaler
     factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * factor
     batch = run.to_device(batch)
     run.forward.train()
-    n = batch["labels"].shape[0]
-    total = all_sum([float(n)], run.device)[0] if run.world_size > 1 else float(n)
     parts = micro_batches(batch, cfg.grad_accum)
+    items = [_loss_items(part, cfg.objective == "lm") for part in parts]
+    n = sum(items)
+    total = all_sum([float(n)], run.device)[0] if run.world_size > 1 else float(n)
     loss_sum, correct = 0.0, 0
-    for i, part in enumerate(parts):
-        m = part["labels"].shape[0]
+    for i, (part, m) in enumerate(zip(parts, items, strict=True)):
         # DDP all-reduces gradients on the last micro-batch's backward only.
         last = i + 1 == len(parts) or run.world_size == 1
         with contextlib.nullcontext() if last else run.forward.no_sync():
             with run.autocast():
                 out = run.forward(**part)
-            # Each micro-batch weighs its share of the global batch (DDP averages over
-            # ranks), so the summed gradient is the whole batch's mean-loss gradient.
-            loss = out.loss * (m * run.world_size / total)
+            # Each micro-batch weighs its share of the global batch's rows (LM: response
+            # tokens; DDP averages over ranks), so the summed gradient is the whole batch's
+            # mean-loss gradient. A part without response tokens has a NaN mean loss but
+            # zero gradients, and weight 0.
+            loss = out.loss * (m * run.world_size / max(total, 1.0))
             (loss if scaler is None else scaler.scale(loss)).backward()
-        loss_sum += float(out.loss.detach()) * m
+        if m:
+            loss_sum += float(out.loss.detach()) * m
         if run.config.objective != "lm":  # LM steps report their loss only
             correct += int((out.logits.detach().argmax(-1) == part["labels"]).sum())
     if cfg.grad_clip is not None:
@@ -455,7 +467,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     if run.sparse.after_step(opt):  # e.g. RIGSA pruned after round_steps steps
         _rewrap(run)
     run.step += 1
-    return loss_sum / n, correct
+    return loss_sum / max(n, 1), correct
 
 
 def evaluate(run: Run) -> dict[str, float] | None:
