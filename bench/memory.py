@@ -282,6 +282,7 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
         shape, model_dir, gguf = "smollm2", smollm2_dir(), SMOLLM2_GGUF
     else:

@@ -76,9 +76,10 @@ def evaluate_model(model: nn.Module | None, encoded: dict, batch_size: int = 64,
         for batch in batches(_by_length(encoded), batch_size, shuffle=False, seed=0):
             batch = on_model_device(model, batch)
             out = fn(batch).float()
-            total += float(F.cross_entropy(out, batch["labels"], reduction="sum"))
+            y = batch["labels"].to(out.device)  # fn may return its logits on another device
+            total += float(F.cross_entropy(out, y, reduction="sum"))
             preds.append(out.argmax(-1))
-            labels.append(batch["labels"])
+            labels.append(y)
     finally:
         if model is not None and was_training:
             model.train()

@@ -122,14 +122,14 @@ class _Stats:
             self.shift = rows.mean(0)
         rows = rows - self.shift
         self.n += rows.shape[0]
-        self.sum += rows.sum(0, dtype=torch.float64)
-        self.gram += (rows.t() @ rows).to(torch.float64)
+        self.sum += rows.sum(0, dtype=torch.float64).to(self.sum.device)  # sums stay on CPU
+        self.gram += (rows.t() @ rows).to(self.gram.device, torch.float64)
 
     def unshift(self) -> None:
         """Express the sums for unshifted rows (float64), e.g. to add up several processes'."""
         if self.shift is None:
             return
-        s = self.shift.to(torch.float64)
+        s = self.shift.to(self.sum.device, torch.float64)
         self.gram += torch.outer(s, self.sum) + torch.outer(self.sum, s)
         self.gram += self.n * torch.outer(s, s)
         self.sum += self.n * s

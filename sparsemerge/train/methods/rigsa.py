@@ -375,7 +375,7 @@ class RIGSA(Method):
         idx, vals, gates = {}, {}, {}
         totals = {"trainable_before": 0, "sign_flipped": 0, "below_cut": 0, "kept": 0}
         for name, (i, v, g) in cur.items():
-            init = self._init(name).reshape(-1)[i]
+            init = self._init(name).reshape(-1).to(i.device)[i]  # init may sit on the CPU
             pos, stats = prune_entries(v, init, self.hparams["prune_keep"])
             idx[name], vals[name], gates[name] = i[pos], v[pos], g
             for k in totals:
