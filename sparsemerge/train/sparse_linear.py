@@ -55,9 +55,9 @@ per MiniLM layer at 0.5-0.7 % density); the dense weight gradient would be ~3-13
 On a GPU
 --------
 No CSR pattern: ``dvalues`` comes from dense blocks of ``dY^T @ X`` (at most 64 MiB of fp32
-each, freed at once) gathered at the indices. Tensor cores make that matmul cheap, and
-``sampled_addmm`` on CUDA returned wrong values for the operands the CPU path passes (seen on
-an H200, torch 2.11 + CUDA 13: ``test_cuda_sddmm_matches_autograd``).
+each, freed at once) gathered at the indices: tensor cores make that matmul cheap, and it uses
+only the plainest kernels. (``sampled_addmm`` on CUDA was suspected of wrong gradients on an
+H200; the failing test turned out to seed its layers badly, so that suspicion is unproven.)
 
 Re-sync
 -------
