@@ -17,19 +17,12 @@ from sparsemerge.merge.recipe import build_recipe, recipe_from_dict, run_recipe
 from sparsemerge.multihead import MultiHeadModel
 from sparsemerge.train.config import TrainConfig
 from sparsemerge.train.loop import train
+from tests.test_half import one_thread  # noqa: F401  (autouse: one torch thread here)
 from tests.test_merge_engine import make_adapter
 from tests.test_train import write_synthetic
 
 TRAINED = 48  # rows each adapter trains on; the calibration slice starts after them
 N = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
