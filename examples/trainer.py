@@ -10,6 +10,13 @@ minutes on a laptop CPU) and writes ``examples/out/trainer-sst2/``::
     python examples/trainer.py
     python examples/trainer.py --method rigsa --epochs 4 --lr 1e-2   # pruned every epoch
     sparsemerge evaluate examples/out/trainer-sst2 --task sst2
+
+The same script trains data-parallel under a launcher (the Trainer wraps the model in DDP;
+each process takes ``--batch-size`` rows per step; rank 0 writes the adapter). On CPUs the
+Trainer needs ``use_cpu=True`` (``--cpu``) to join the processes: without it each would
+train alone, which ``SparseCallback`` refuses::
+
+    torchrun --nproc-per-node 2 examples/trainer.py --cpu --batch-size 16
 """
 
 from __future__ import annotations
@@ -55,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=-1,
                    help="stop after this many steps (smoke tests)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step and process")
+    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    p.add_argument("--save-dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the saved values")
+    p.add_argument("--cpu", action="store_true",
+                   help="train on the CPU even where a GPU is visible (under torchrun on "
+                        "CPUs: needed for DDP)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     return p.parse_args(argv)
 
@@ -75,9 +89,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     collate = DataCollatorWithPadding(tokenizer)
     training = TrainingArguments(
         output_dir=str(args.out) + ".trainer", num_train_epochs=args.epochs,
-        max_steps=args.max_steps, per_device_train_batch_size=32,
+        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, save_strategy="no", report_to=[],
-        logging_steps=10, disable_tqdm=args.json, seed=0)
+        logging_steps=args.logging_steps, disable_tqdm=args.json, seed=0, use_cpu=args.cpu,
+        # The classifier's loss is a mean over its rows: left on, transformers 5 multiplies
+        # it by the number of processes (right only for losses divided by the token count
+        # of all processes together), doubling the gradients of a 2-process run.
+        average_tokens_across_devices=False)
 
     # 1. The user's model, on its device first (the adapter's index tensors live beside the
     #    weights), then made sparse: only the adapter's entries and the head train. A few
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, sparsemerge.SparseConfig(method=args.method, density=args.density,
                                         task_name="sst2"),
         batches=[collate(train[i:i + 32]) for i in range(0, min(len(train), 128), 32)])
-    if not args.json:
+    if not args.json and training.process_index == 0:
         model.print_trainable_parameters()
 
     # 2. A plain Trainer. The optimizer from model.param_groups gives the head 5x the lr and
@@ -105,16 +123,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.train()
     dev_metrics = trainer.evaluate()
 
-    # 3. A sparsemerge adapter: sparsemerge inspect / evaluate / merge read it.
-    out = model.save_pretrained(args.out, metrics={"accuracy": dev_metrics["eval_accuracy"]})
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    summary = {"adapter": str(out), "method": args.method, "steps": trainer.state.global_step,
-               "trainable": model.get_nb_trainable_parameters()[0], "losses": losses,
-               "dev_accuracy": dev_metrics["eval_accuracy"]}
+    # 3. A sparsemerge adapter: sparsemerge inspect / evaluate / merge read it. Under DDP
+    #    every process holds the same deltas; one writes them.
+    summary = {"adapter": str(args.out), "method": args.method,
+               "steps": trainer.state.global_step, "world_size": training.world_size,
+               "trainable": model.get_nb_trainable_parameters()[0],
+               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+               "dev_accuracy": dev_metrics["eval_accuracy"],
+               "dev_loss": dev_metrics["eval_loss"]}
+    if not trainer.is_world_process_zero():
+        return summary
+    model.save_pretrained(args.out, save_dtype=args.save_dtype,
+                          metrics={"accuracy": dev_metrics["eval_accuracy"]})
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"dev accuracy {summary['dev_accuracy']:.3f}; adapter in {out}")
+        print(f"dev accuracy {summary['dev_accuracy']:.3f}; adapter in {args.out}")
     return summary
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "nnz_for_density",
     "permutation_keys",
     "seeded_indices",
+    "seeded_indices_excluding",
     "seeded_uniform",
 ]
 
@@ -271,6 +272,41 @@ def seeded_indices(seed: int, name: str, numel: int, nnz: int) -> np.ndarray:
     # bitmap instead of the sort was never faster, even at 50% density.
     vals.sort()
     return vals.astype(np.int64)
+
+
+def seeded_indices_excluding(seed: int, name: str, numel: int, nnz: int,
+                             exclude: np.ndarray) -> np.ndarray:
+    """The first ``nnz`` values of the keyed permutation ``Q`` of :func:`seeded_indices` that
+    are not in ``exclude`` (flat indices taken by other adapters), sorted int64.
+
+    Why this construction: it is a pure function of ``(seed, name, numel, nnz, exclude)``,
+    keeps the exact count, equals ``seeded_indices`` when ``exclude`` is empty, and needs one
+    pass: ``Q`` is a permutation, so its first ``nnz + len(exclude)`` values hold ``nnz``
+    free ones. The result is not reproducible from the seed alone, so adapters store it with
+    an explicit index codec. ``nnz`` must not exceed the ``numel - len(exclude)`` free entries.
+    """
+    seed = _check_seed(seed)
+    numel = _check_count(numel, "numel")
+    nnz = _check_count(nnz, "nnz")
+    exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+    if exclude.size and (exclude[0] < 0 or exclude[-1] >= numel):
+        raise SparseMergeError(f"excluded indices must be in [0, {numel}), got "
+                               f"{int(exclude[0])}..{int(exclude[-1])}")
+    free = numel - exclude.size
+    if nnz > free:
+        raise SparseMergeError(f"nnz ({nnz}) exceeds the {free} entries of {numel} left free "
+                               "by the excluded ones")
+    if exclude.size == 0:
+        return seeded_indices(seed, name, numel, nnz)
+    if nnz == 0:
+        return np.empty(0, dtype=np.int64)
+    if nnz == free:  # every free entry, whatever the order
+        return np.setdiff1d(np.arange(numel, dtype=np.int64), exclude, assume_unique=True)
+    perm = _Bijection(_domain_bits(numel), permutation_keys(seed, name))
+    vals = _first_in_range(numel, nnz + exclude.size, perm).astype(np.int64)
+    out = vals[~np.isin(vals, exclude, assume_unique=True)][:nnz]
+    out.sort()
+    return out
 
 
 def seeded_uniform(seed: int, name: str, numel: int) -> np.ndarray:

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
@@ -28,6 +30,7 @@ from sparsemerge.evaluate import load_adapted
 from sparsemerge.formats.adapter_file import load_adapter
 from sparsemerge.models import load_tokenizer
 from sparsemerge.train.loop import lr_factor, train
+from sparsemerge.train.sparse_model import STATE_KEY
 from tests.test_train import cfg, learnable_bert_dir, one_thread, synth  # noqa: F401 (fixtures)
 
 LABELS = ["neg", "pos"]
@@ -61,19 +64,25 @@ def cli(*argv: object) -> dict[str, Any]:
     return json.loads(r.stdout)
 
 
+def train_losses(model, out, epochs: int, bert_dir, synth) -> list[float]:
+    """``Trainer`` + ``SparseCallback`` on the synthetic task's training rows (AdamW over
+    ``model.param_groups`` at 1e-2); the logged losses."""
+    trainer = Trainer(model=model, args=args(out, num_train_epochs=epochs),
+                      train_dataset=rows(bert_dir, synth[0]),
+                      data_collator=DataCollatorWithPadding(load_tokenizer(bert_dir)),
+                      optimizers=(torch.optim.AdamW(model.param_groups(1e-2)), None),
+                      callbacks=[SparseCallback()])
+    trainer.train()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
 @pytest.fixture(scope="module")
 def trained(learnable_bert_dir, synth, tmp_path_factory) -> dict[str, Any]:
     """A SpaRTA adapter trained by ``transformers.Trainer`` through ``get_sparse_model``."""
     tmp = tmp_path_factory.mktemp("api")
     model = get_sparse_model(task_model(learnable_bert_dir),
                              SparseConfig(density=0.1, task_name="synth"))
-    trainer = Trainer(model=model, args=args(tmp, num_train_epochs=6),
-                      train_dataset=rows(learnable_bert_dir, synth[0]),
-                      data_collator=DataCollatorWithPadding(load_tokenizer(learnable_bert_dir)),
-                      optimizers=(torch.optim.AdamW(model.param_groups(1e-2)), None),
-                      callbacks=[SparseCallback()])
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = train_losses(model, tmp, 6, learnable_bert_dir, synth)
     out = model.save_pretrained(tmp / "adapter", metrics={"note": 1.0})
     return {"model": model, "losses": losses, "out": out, "tmp": tmp}
 
@@ -241,3 +250,129 @@ def test_every_method_attaches_and_reports(tiny_bert_dir, synth, capsys):
     with pytest.raises(SparseMergeError, match="density"):
         SparseConfig(density=0.0)
     assert sparsemerge.get_sparse_model is get_sparse_model
+
+
+def assert_same_adapter(got: sparsemerge.SparseAdapter, want: sparsemerge.SparseAdapter) -> None:
+    assert got.targets.keys() == want.targets.keys()
+    for name, t in want.targets.items():
+        assert got.targets[name].trainable == t.trainable, name
+        assert torch.equal(got.targets[name].dense_delta(name), t.dense_delta(name)), name
+    for task, head in want.heads.items():
+        for k, v in head.params.items():
+            assert torch.equal(got.heads[task].params[k], v), k
+
+
+@pytest.mark.parametrize("method,params", [
+    ("sparta", {}),
+    ("rigsa", {"rounds": 2, "sparse_below": 1.0}),  # prunes after epochs 1 and 2
+    ("partial-lora", {}),
+])
+def test_trainer_checkpoints_hold_the_adapter_and_resume_bit_exactly(method, params,
+                                                                     tiny_bert_dir, synth,
+                                                                     tmp_path):
+    """save_steps writes the adapter's tensors and the method's state, no frozen tensor;
+    resuming a fresh model from the checkpoint after RIGSA's first round (its tensors then
+    have other shapes than a fresh model's) ends on the uninterrupted run's adapter, bit for
+    bit (dropout on: the Trainer restores the RNG)."""
+    data = rows(tiny_bert_dir, synth[0])[:32]  # 2 steps per epoch
+    collate = DataCollatorWithPadding(load_tokenizer(tiny_bert_dir))
+
+    def run(out: str, resume: Path | None = None, late_callback: bool = False) -> SparseModel:
+        model = get_sparse_model(task_model(tiny_bert_dir), SparseConfig(
+            method=method, density=0.1, method_params=params), batches=[collate(data[:16])])
+        trainer = Trainer(model=model, args=args(tmp_path / out, num_train_epochs=4,
+                                                 save_strategy="steps", save_steps=2),
+                          train_dataset=data, data_collator=collate,
+                          optimizers=(torch.optim.AdamW(model.param_groups(1e-2)), None),
+                          callbacks=[] if late_callback else [SparseCallback()])
+        if late_callback:
+            trainer.add_callback(SparseCallback())
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        return model
+
+    full = run("full")
+    checkpoint = tmp_path / "full" / "trainer" / "checkpoint-2"
+    saved = load_file(checkpoint / "model.safetensors")
+    frozen = set(torch.nn.Module.state_dict(full)) - set(full.adapter_keys())
+    assert "model.bert.embeddings.word_embeddings.weight" in frozen
+    assert not frozen & set(saved)
+    assert {k for k in saved if not k.startswith(STATE_KEY)} == set(full.adapter_keys())
+
+    resumed = run("resumed", checkpoint)
+    assert_same_adapter(resumed.export(), full.export())
+    if method == "rigsa":
+        assert resumed.method.round == 2
+        with pytest.raises(SparseMergeError, match="bind_optimizer"):
+            run("late", checkpoint, late_callback=True)
+
+
+def test_plain_state_dicts_resume_a_pruned_rigsa_run(learnable_bert_dir, synth):
+    """torch.save(model.state_dict()) and the optimizer's: loaded (strictly) into a fresh
+    model whose optimizer is bound, the run goes on as if never stopped."""
+    collate = DataCollatorWithPadding(load_tokenizer(learnable_bert_dir))
+    data = rows(learnable_bert_dir, synth[0])
+    config = SparseConfig(method="rigsa", method_params={"rounds": 1, "round_steps": 2})
+
+    def fresh() -> tuple[SparseModel, torch.optim.Optimizer]:
+        model = get_sparse_model(task_model(learnable_bert_dir), config)
+        return model, model.bind_optimizer(torch.optim.AdamW(model.param_groups(1e-2)))
+
+    def steps(model: SparseModel, optimizer: torch.optim.Optimizer, first: int, last: int):
+        for i in range(first, last):
+            model(**collate(data[8 * i:8 * i + 8])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            model.after_step(optimizer)
+
+    model, optimizer = fresh()
+    steps(model, optimizer, 0, 3)  # pruned after step 2
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
+    steps(model, optimizer, 3, 5)
+
+    blob.seek(0)
+    state = torch.load(blob, weights_only=True)
+    resumed, optimizer = fresh()
+    resumed.load_state_dict(state["model"])  # strict: the frozen base is not missing
+    optimizer.load_state_dict(state["optimizer"])
+    steps(resumed, optimizer, 3, 5)
+    assert resumed.method.round == 1
+    assert_same_adapter(resumed.export(), model.export())
+
+
+def test_from_pretrained_trainable_continues_from_the_adapter(trained, learnable_bert_dir,
+                                                              synth, tmp_path, capsys):
+    out = trained["out"]
+    model = SparseModel.from_pretrained(task_model(learnable_bert_dir), out, is_trainable=True)
+    assert model.method.name == "sparta" and model.sparse_config.task_name == "synth"
+    # as many trainable parameters as when it was trained (its model is merged by now)
+    first = get_sparse_model(task_model(learnable_bert_dir), SparseConfig(density=0.1))
+    assert model.get_nb_trainable_parameters() == first.get_nb_trainable_parameters()
+    model.print_trainable_parameters()
+    first.print_trainable_parameters()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == printed[1]
+    # it starts where the adapter ends: the same function as the adapter applied frozen
+    frozen = SparseModel.from_pretrained(task_model(learnable_bert_dir), out)
+    batch = DataCollatorWithPadding(load_tokenizer(learnable_bert_dir))(
+        [{k: v for k, v in r.items() if k != "labels"}
+         for r in rows(learnable_bert_dir, synth[1])[:8]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, frozen.eval()(**batch).logits)
+    start = load_adapter(out)
+    # ... and trains on
+    losses = train_losses(model.train(), tmp_path, 2, learnable_bert_dir, synth)
+    assert sum(losses) / len(losses) < trained["losses"][0] - 0.1  # not back at the start
+    again = load_adapter(model.save_pretrained(tmp_path / "again"))
+    assert again.tasks == ["synth"] and again.trainable == start.trainable
+    name = next(iter(start.targets))
+    assert torch.equal(again.targets[name].sparse.indices, start.targets[name].sparse.indices)
+    assert not torch.equal(again.targets[name].sparse.values, start.targets[name].sparse.values)
+
+
+def test_from_pretrained_trainable_refuses_a_rigsa_adapter(tiny_bert_dir, tmp_path):
+    model = get_sparse_model(task_model(tiny_bert_dir), SparseConfig(
+        method="rigsa", method_params={"rounds": 0}))
+    out = model.save_pretrained(tmp_path / "rigsa")
+    with pytest.raises(SparseMergeError, match="resume_from_checkpoint"):
+        SparseModel.from_pretrained(task_model(tiny_bert_dir), out, is_trainable=True)

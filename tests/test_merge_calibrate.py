@@ -76,6 +76,20 @@ def test_calibration_reads_training_rows_and_never_the_dev_split(trained, tmp_pa
     assert written["calibration"] == cal
 
 
+def test_a_merged_adapter_records_what_calibration_chose(trained, tmp_path):
+    r = CliRunner().invoke(app, ["merge", str(trained["keep"]), str(trained["flip"]),
+                                 "--calibrate", str(N), "--refit-heads", "2",
+                                 "-o", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["kind"] == "adapter"
+    merged = load_adapter(tmp_path / "m")
+    assert merged.extra["merge"]["calibration"] == report["calibration"]
+    assert merged.extra["merge"]["refit_heads"] == report["refit_heads"]
+    assert merged.extra["merge"]["weights"] == report["calibration"]["chosen"]["weights"]
+    assert merged.hyperparameters["weights"] == report["weights"]
+
+
 def test_chosen_weights_do_at_least_as_well_as_uniform_on_the_slice(trained, tmp_path):
     paths = [str(trained["keep"]), str(trained["flip"])]
     rep = run_recipe(build_recipe(paths, method="sum", heads=True, calibrate=N,

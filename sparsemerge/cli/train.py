@@ -240,6 +240,12 @@ def train(
     targets: Annotated[str | None, typer.Option(
         help="Regex over backbone weight names (default: every linear layer), e.g. "
              "'attention'.")] = None,
+    mask_exclude: Annotated[list[str] | None, typer.Option(
+        "--mask-exclude", metavar="ADAPTER",
+        help="SpaRTA: draw the random masks only from entries these adapters (made on the "
+             "same base) leave untouched, so a later merge with them has no overlap "
+             "(sparsemerge overlap: Jaccard 0). Repeatable; the same --seed and adapters give "
+             "the same masks, stored with explicit indices.")] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help=_PARAM_HELP)] = None,
     list_methods: Annotated[bool, typer.Option(
@@ -327,6 +333,8 @@ def train(
 
     $ sparsemerge train --task cola --data-dir data --epochs 3 -o cola
 
+    $ sparsemerge train --task mrpc --data-dir data --mask-exclude cola -o mrpc
+
     $ sparsemerge train --train-file reviews.csv --text-column text
       --label-column stars --eval-file dev.csv -o reviews
 
@@ -355,7 +363,7 @@ def train(
         config = TrainConfig(
             method=method, objective=objective, method_params=_method_params(param), base=base,
             gguf_file=gguf_file, label_tokens=_split_list(label_tokens), template=template,
-            chat_template=chat_template, targets=targets,
+            chat_template=chat_template, targets=targets, mask_exclude=mask_exclude or None,
             density=density, seed=seed, task=task, data_dir=data_dir, train_file=train_file,
             eval_file=eval_file, text_column=text_column, text_pair_column=text_pair_column,
             label_column=label_column, labels=_split_list(labels), task_name=task_name,

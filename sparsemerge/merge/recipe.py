@@ -422,6 +422,7 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
     extras = {k: v for k, v in (("calibration", calibration), ("refit_heads", refit))
               if v is not None}
     report.update(extras)
+    record.update(extras)  # a merged adapter's extra["merge"], as sparsemerge_recipe.json
     if recipe.heads and not merged.heads and all(
             a.hyperparameters.get("objective") == "lm" for a in adapters):
         report["kind"] = "causal-lm"

@@ -58,6 +58,9 @@ def check_method_options(config: SparseConfig | TrainConfig) -> None:
                                f"got {config.impl!r}")
     if not 0 <= config.seed < 2**63:
         raise SparseMergeError(f"--seed: must be in [0, 2**63), got {config.seed}")
+    if config.mask_exclude and config.method != "sparta":
+        raise SparseMergeError(f"--mask-exclude: is for --method sparta (random masks); "
+                               f"{config.method} chooses its entries itself")
 
 
 @dataclass
@@ -77,6 +80,8 @@ class SparseConfig:
     task_name: str = "task"  # the head's name in the saved adapter (merge --heads uses it)
     impl: str = "fast"  # sparse-delta implementation: fast (SDDMM) or autograd (oracle)
     quiet: bool = False  # no log lines (RIGSA's pruning rounds)
+    # SpaRTA: adapters (paths, hf://) whose entries the random masks avoid (disjoint masks)
+    mask_exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from sparsemerge.formats.merged import check_task_name
@@ -113,6 +118,7 @@ class TrainConfig:
     targets: str | None = None  # regex over backbone weight names; None = every linear layer
     density: float = 0.005  # share of each target's entries that is trainable (sparse methods)
     seed: int = 0  # mask, head init, dropout and data order
+    mask_exclude: list[str] | None = None  # SpaRTA: adapters whose entries the masks avoid
 
     # -- data -------------------------------------------------------------------------------
     task: str | None = None  # preset (sst2, cola, mrpc, sms_spam); None = train_file
@@ -302,7 +308,8 @@ class TrainConfig:
         """The run's adapter options: what the trainer passes to ``get_sparse_model``."""
         return SparseConfig(method=self.method, density=self.density, targets=self.targets,
                             seed=self.seed, method_params=self.method_params,
-                            task_name=self.head_name()[0], impl=self.impl, quiet=self.quiet)
+                            task_name=self.head_name()[0], impl=self.impl, quiet=self.quiet,
+                            mask_exclude=list(self.mask_exclude or []))
 
     def prompt(self) -> PromptTemplate | None:
         """The prompt template examples are wrapped in (``template``, ``chat_template``)."""

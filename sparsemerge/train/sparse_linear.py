@@ -50,7 +50,7 @@ per MiniLM layer at 0.5-0.7 % density); the dense weight gradient would be ~3-13
   output gradient of the up projection) disappear. Decided once, on the first training
   forward, by looking at the autograd graph; anything else in between (a norm, a view,
   dropout) and layouts stay natural. Only for fp32 weights on CPU; ``layouts=False``
-  disables it. Values never depend on the layout, only speed does.
+  disables it. Values depend on the layout only in the last bits (summation order).
 
 On a GPU
 --------
@@ -492,7 +492,7 @@ class SparseDeltaTarget:
         next forward on. The elementwise ops keep that layout, so this target's input and the
         producers' output gradients (which this target then returns features-major too) need
         no transposes for the SDDMM. Anything else between (a norm, a view, dropout) and
-        nothing changes; values are the same in any layout, only speed is at stake."""
+        nothing changes; values agree in any layout up to the last bits."""
         self._probed = True
         if x.grad_fn is None or getattr(x.grad_fn, "target", None) is not None:
             return  # a leaf, or straight from another target (no elementwise op between)
@@ -619,6 +619,23 @@ def sync_all(model: nn.Module) -> None:
         target = getattr(module, _MARK, None)
         if target is not None:
             target.sync(force=True)
+
+
+def layout_state(model: nn.Module) -> dict[str, list[bool]]:
+    """Per module of ``model`` carrying a sparse delta: [probed, features-major output], the
+    layouts its first training forward chose. Checkpoints keep them: a resumed run would
+    choose at its own first forward, later than the uninterrupted one, and the layouts round
+    differently (their sums run in another order)."""
+    return {n: [t._probed, t.feature_major_out] for n, m in model.named_modules()
+            if (t := getattr(m, _MARK, None)) is not None}
+
+
+def set_layout_state(model: nn.Module, state: Mapping[str, list[bool]]) -> None:
+    """Restore what :func:`layout_state` returned (for the modules named in it)."""
+    for n, m in model.named_modules():
+        t = getattr(m, _MARK, None)
+        if t is not None and n in state:
+            t._probed, t.feature_major_out = (bool(v) for v in state[n])
 
 
 def _check_indices(name: str, idx: torch.Tensor, numel: int) -> torch.Tensor:

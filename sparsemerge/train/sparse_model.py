@@ -29,12 +29,29 @@ RIGSA in a multi-process ``Trainer`` (train it with ``sparsemerge train`` under 
 
 Move the model to its device before ``get_sparse_model``: the methods keep index tensors
 beside the weights, so a ``SparseModel`` with a method attached refuses to move.
+
+Checkpoints: ``state_dict()`` of a ``SparseModel`` training a method holds only what
+training changes -- the trainable tensors (the method's and the head's) and, under
+``sparse_state``, the method's own state (RIGSA's round and mask, Partial-LoRA's
+allocation) and the sparse path's memory layouts -- so a ``Trainer`` checkpoint, an
+``accelerate`` ``save_state`` or a ``torch.save(model.state_dict())`` is adapter-sized, as
+PEFT's are. ``load_state_dict`` takes it into the same ``get_sparse_model(base, config)``
+(the frozen base is not in it): the method's state first (which may replace its trainable
+tensors), then their values. An optimizer must then hold the new tensors before its own state
+is loaded: :meth:`SparseModel.bind_optimizer` makes its ``load_state_dict`` take them first
+(``SparseCallback`` binds the Trainer's). A resumed run then ends on the uninterrupted
+run's adapter bit for bit (tested on CPU; GPU kernels need not be deterministic).
+
+To continue training from a saved adapter instead (its deltas and head, not the optimizer):
+``SparseModel.from_pretrained(model, path, is_trainable=True)`` (SpaRTA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,13 +59,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsemerge.adapter import BaseInfo, SparseAdapter
-from sparsemerge.apply import AppliedAdapter, apply, apply_to_tensors
+from sparsemerge.adapter import BaseInfo, SparseAdapter, TargetDelta
+from sparsemerge.apply import AppliedAdapter, apply, apply_to_tensors, pick_head
 from sparsemerge.errors import SparseMergeError
 from sparsemerge.models import (
     DEMO_BASE_ID,
     backbone_of,
     base_info,
+    check_base,
     default_targets,
     demo_base_path,
     head_module_name,
@@ -57,9 +75,64 @@ from sparsemerge.models import (
 from sparsemerge.train.config import HEAD_LR_FACTOR, SparseConfig
 from sparsemerge.train.heads import export_head, head_parameters, init_head
 from sparsemerge.train.methods import Method, get_method
-from sparsemerge.train.sparse_linear import sync_all
+from sparsemerge.train.sparse_linear import layout_state, set_layout_state, sync_all
 
 Batch = Mapping[str, torch.Tensor]
+STATE_KEY = "sparse_state"  # the state dict's key of the method's state (see the module doc)
+_TENSOR = "__tensor__"
+
+
+def _pack(state: Any, key: str) -> dict[str, torch.Tensor]:
+    """``state`` (JSON but for its tensors) as tensors only, as safetensors files (Trainer and
+    accelerate checkpoints) need: the JSON text under ``key``, each tensor under ``key.N``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[f"{key}.{len(tensors)}"] = x.detach().contiguous()
+            return {_TENSOR: len(tensors) - 1}
+        if isinstance(x, dict):
+            return {k: encode(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [encode(v) for v in x]
+        return x
+
+    text = json.dumps(encode(state)).encode()
+    return {key: torch.frombuffer(bytearray(text), dtype=torch.uint8), **tensors}
+
+
+def _unpack(packed: Mapping[str, torch.Tensor], key: str) -> Any:
+    def decode(x: Any) -> Any:
+        if isinstance(x, dict):
+            return (packed[f"{key}.{x[_TENSOR]}"] if set(x) == {_TENSOR}
+                    else {k: decode(v) for k, v in x.items()})
+        return [decode(v) for v in x] if isinstance(x, list) else x
+
+    return decode(json.loads(packed[key].cpu().numpy().tobytes()))
+
+
+def _load_pre_hook(module: SparseModel, state_dict: dict[str, Any], prefix: str,
+                   *args: Any) -> None:
+    """Restore the method's state before the children load the tensor values: it may
+    replace the trainable tensors (RIGSA's pruned ones), which then take the values."""
+    module._load_prefix = prefix
+    key = prefix + STATE_KEY
+    packed = {k: state_dict.pop(k) for k in list(state_dict)
+              if k == key or k.startswith(key + ".")}
+    if module.method is not None and key in packed:
+        state = _unpack(packed, key)
+        module.method.load_state_dict(state["method"])
+        set_layout_state(module.model, state["layouts"])
+
+
+def _load_post_hook(module: SparseModel, incompatible: Any) -> None:
+    """A checkpoint holds no frozen tensor: those are not missing."""
+    if module.method is None:
+        return
+    prefix = module._load_prefix
+    keep = set(module.adapter_keys())
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not k.startswith(prefix) or k[len(prefix):] in keep]
 
 
 @functools.cache
@@ -114,11 +187,15 @@ class SparseModel(nn.Module):
         self.target_names: list[str] = []
         self.adapter: SparseAdapter | None = None  # what from_pretrained applied
         self.applied: AppliedAdapter | None = None
+        self._load_prefix = ""
+        self.register_load_state_dict_pre_hook(_load_pre_hook)
+        self.register_load_state_dict_post_hook(_load_post_hook)
         if config is not None:
             self._attach(config, batches, init_head, method, base_id)
 
     def _attach(self, config: SparseConfig, batches: Iterable[Batch] | None, new_head: bool,
-                method: Method | None, base_id: str | None) -> None:
+                method: Method | None, base_id: str | None,
+                start: dict[str, TargetDelta] | None = None) -> None:
         model = self.model
         self.method = method or get_method(config.method)(config)
         backbone = backbone_of(model)
@@ -137,8 +214,11 @@ class SparseModel(nn.Module):
             for b in batches or ():
                 yield {k: v.to(device) for k, v in b.items()}
 
-        self.method.prepare(model, self.target_names, config,
-                            batches=None if batches is None else calibration)
+        if start is None:
+            self.method.prepare(model, self.target_names, config,
+                                batches=None if batches is None else calibration)
+        else:
+            self.method.start_from(model, self.target_names, config, start)
 
     # -- an nn.Module that is the user's model -----------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -161,6 +241,25 @@ class SparseModel(nn.Module):
                     "move now. Move the model to its device before get_sparse_model (with a "
                     "Trainer: model.to(training_args.device) first)")
         return super()._apply(fn, recurse)
+
+    def adapter_keys(self) -> list[str]:
+        """The state dict's tensors of what training changes: the trainable parameters."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        """With a method attached: the trainable tensors and the method's state only (see
+        the module docstring); else the whole model's."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix,
+                                 keep_vars=keep_vars)
+        if self.method is None:
+            return out
+        keep = {prefix + k for k in self.adapter_keys()}
+        for k in [k for k in out if k.startswith(prefix) and k not in keep]:
+            del out[k]
+        out.update(_pack({"method": self.method.state_dict(), "layouts": layout_state(self.model)},
+                         prefix + STATE_KEY))
+        return out
 
     def require_method(self) -> Method:
         """The attached method; SparseMergeError when there is none."""
@@ -217,30 +316,53 @@ class SparseModel(nn.Module):
         return self.sync_optimizer(optimizer)
 
     def sync_optimizer(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """If the method replaced its trainable tensors since the last call: put the new
-        ones into ``optimizer``'s groups of the same names, dropping the old ones' state,
-        and return True (without an ``optimizer``, build a new one from
-        :meth:`param_groups`)."""
+        """If the method replaced its trainable tensors since the last call (a pruning round,
+        a loaded state dict): put the new ones into ``optimizer``'s groups of the same names,
+        dropping the old ones' state, and return True (without an ``optimizer``, build a new
+        one from :meth:`param_groups`)."""
         method = self.require_method()
         if not method.rebuild_optimizer:
             return False
-        if optimizer is not None:
-            self.check_optimizer(optimizer)
+        if optimizer is not None and not self.holds(optimizer):
+            self.check_optimizer(optimizer, replacing=True)
             new = {g["name"]: [p for p in g["params"] if p.requires_grad]
                    for g in method.param_groups()}
             for group in optimizer.param_groups:
                 if group.get("name") in new:
+                    kept = {id(p) for p in new[group["name"]]}
                     for p in group["params"]:
-                        optimizer.state.pop(p, None)
+                        if id(p) not in kept:
+                            optimizer.state.pop(p, None)
                     group["params"] = new[group["name"]]
         method.rebuild_optimizer = False
         return True
 
-    def check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Raise unless ``optimizer`` can take the tensors the method creates while training:
-        it needs a group named as each of the method's (:meth:`param_groups` makes them)."""
+    def holds(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Does ``optimizer`` train every trainable tensor the method has now?"""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        return all(id(p) in held for g in self.require_method().param_groups()
+                   for p in g["params"] if p.requires_grad)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Make ``optimizer.load_state_dict`` first take the tensors a loaded model state
+        brought (:meth:`sync_optimizer`), so that a checkpoint's optimizer state lands on
+        them: call it on the optimizer before resuming (``SparseCallback`` binds a
+        ``Trainer``'s). Returns ``optimizer``."""
+        def take_new_tensors(opt: torch.optim.Optimizer, state: Any) -> None:
+            self.sync_optimizer(opt)
+
+        # accelerate's AcceleratedOptimizer loads through the optimizer it wraps
+        getattr(optimizer, "optimizer", optimizer).register_load_state_dict_pre_hook(
+            take_new_tensors)
+        return optimizer
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer | None, *,
+                        replacing: bool = False) -> None:
+        """Raise unless ``optimizer`` can take the tensors the method creates while training
+        (or has created: ``replacing``): it needs a group named as each of the method's
+        (:meth:`param_groups` makes them)."""
         method = self.require_method()
-        if not method.replaces_tensors():
+        if not (replacing or method.replaces_tensors()):
             return
         names = {g.get("name") for g in (optimizer.param_groups if optimizer else [])}
         missing = [g["name"] for g in method.param_groups() if g["name"] not in names]
@@ -295,17 +417,40 @@ class SparseModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, *, task: str | None = None,
-                        force: bool = False) -> SparseModel:
+                        force: bool = False, is_trainable: bool = False) -> SparseModel:
         """``model`` with the adapter at ``path`` (a directory, its safetensors file, or
         ``hf://owner/name[@rev]``) applied in place, as ``sparsemerge.apply`` does: base
         fingerprint checked (``force``: a warning), ``W0 + delta`` written into the weights,
-        the head for ``task`` loaded (the model needs ``num_labels`` of it)."""
+        the head for ``task`` loaded (the model needs ``num_labels`` of it).
+
+        ``is_trainable`` (PEFT's keyword): attach the adapter's method instead, with the
+        options it was trained with and its deltas and head as the starting point, to train
+        on (SpaRTA; a method whose adapter lacks its training state, e.g. RIGSA's pruning
+        round, raises: resume its checkpoint instead)."""
         from sparsemerge.formats.adapter_file import load_adapter
         from sparsemerge.hub import resolve_path
 
+        adapter = load_adapter(resolve_path(path))
+        if not is_trainable:
+            wrapper = cls(model)
+            wrapper.adapter = adapter
+            wrapper.applied = apply(model, adapter, task=task, force=force)
+            return wrapper
+        found = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
+        check_base(adapter.base, named_base_tensors(backbone_of(model)), list(adapter.targets),
+                   found_id=found, force=force)
+        fields = {f.name for f in dataclasses.fields(SparseConfig)}
+        hp = {k: v for k, v in adapter.hyperparameters.items() if k in fields}
+        head = pick_head(adapter, task) if head_module_name(model) is not None else None
+        config = SparseConfig(**{**hp, "method": adapter.method,
+                                 "mask_exclude": hp.get("mask_exclude") or [],
+                                 "task_name": head[0] if head else hp.get("task_name", "task")})
         wrapper = cls(model)
-        wrapper.adapter = load_adapter(resolve_path(path))
-        wrapper.applied = apply(model, wrapper.adapter, task=task, force=force)
+        wrapper.sparse_config = config
+        wrapper._attach(config, None, False, None, adapter.base.model_id, start=adapter.targets)
+        wrapper.adapter = adapter
+        if head is not None:  # the head's values (checked to fit), still trainable
+            apply(model, dataclasses.replace(adapter, targets={}), task=head[0])
         return wrapper
 
     @torch.no_grad()

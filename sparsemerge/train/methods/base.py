@@ -12,6 +12,7 @@ Life of a method inside a ``SparseModel``::
     method = get_method(config.method)(config)       # params resolved + validated here
     method.check_schedule(epochs=..., max_steps=..., early_stopping=...)  # by the trainer
     groups = method.prepare(model, target_names, config, batches=...)  # make trainables
+    # (or method.start_from(model, target_names, config, adapter.targets): from a saved one)
     for each step:
         loss.backward(); clip; optimizer.step(); scheduler.step()
         method.after_step()                           # e.g. re-sync merged weights
@@ -88,6 +89,18 @@ class Method(Declared):
         yields a few training batches, for methods that look at task data first.
         """
         raise NotImplementedError
+
+    def start_from(self, model: nn.Module, target_names: list[str], config: SparseConfig,
+                   targets: dict[str, TargetDelta]) -> list[dict[str, Any]]:
+        """``prepare``, starting from a saved adapter's deltas ``targets`` (what ``export``
+        gave) rather than the method's init (``SparseModel.from_pretrained(...,
+        is_trainable=True)``). Default: refuse, as an adapter without the method's training
+        state cannot continue its run."""
+        raise SparseMergeError(
+            f"method '{self.name}': a saved adapter does not hold its training state, so "
+            "training cannot continue from it; resume the run from a checkpoint instead "
+            "(Trainer.train(resume_from_checkpoint=...), sparsemerge train --resume), or load "
+            "it with is_trainable=False to apply it frozen")
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The current optimizer param groups (what ``prepare`` returned, by default)."""
