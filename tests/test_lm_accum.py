@@ -79,4 +79,8 @@ def test_two_lm_processes_match_one_with_the_same_global_batch(causal_lm, uneven
                           "output": tmp_path / "two"}, 2)
     assert two["steps"] == 4
     one = train(TrainConfig(**opts, batch_size=8))
-    assert _worst_diff(one.adapter, load_adapter(tmp_path / "two")) <= 1e-6
+    adapter = load_adapter(tmp_path / "two")
+    assert _worst_diff(one.adapter, adapter) <= 1e-6
+    # the history's loss is the token mean over both ranks, as the one-process run's
+    assert [h["train_loss"] for h in adapter.extra["history"]] == pytest.approx(
+        [h["train_loss"] for h in one.history], abs=1e-6)

@@ -422,10 +422,11 @@ def _loss_items(part: dict[str, torch.Tensor], lm: bool) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum()) if lm else int(labels.shape[0])
 
 
-def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
     """One optimizer step on ``batch`` (this rank's share of the global batch) in
-    ``grad_accum`` micro-batches; returns (this rank's mean loss -- per response token for
-    the causal-LM objective --, its number of correct predictions)."""
+    ``grad_accum`` micro-batches; returns (this rank's mean loss, the number of items it is
+    the mean over -- rows, or response tokens for the causal-LM objective --, its number of
+    correct predictions)."""
     cfg, opt, scaler = run.config, run.optimizer, run.scaler
     factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
     for g in opt.param_groups:
@@ -467,7 +468,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     if run.sparse.after_step(opt):  # e.g. RIGSA pruned after round_steps steps
         _rewrap(run)
     run.step += 1
-    return loss_sum / max(n, 1), correct
+    return loss_sum / max(n, 1), n, correct
 
 
 def evaluate(run: Run) -> dict[str, float] | None:
@@ -708,9 +709,8 @@ def _train(config: TrainConfig, rank: int | None, world_size: int | None,
                                           cfg.seed, epoch, run.rank, run.world_size)):
             if i < skip:  # resuming inside this epoch: same order, skip what was done
                 continue
-            loss, correct = train_step(run, batch)
-            total_loss, n_correct, seen = state["window"]
-            n = int(batch["labels"].shape[0])
+            loss, n, correct = train_step(run, batch)
+            total_loss, n_correct, seen = state["window"]  # n: rows, or LM response tokens
             state["window"] = [total_loss + loss * n, n_correct + correct, seen + n]
             bar.update(f"epoch {epoch + 1}", f"loss {loss:.4f}")
             if cfg.eval_steps is not None and run.step % cfg.eval_steps == 0:
