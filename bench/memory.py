@@ -169,7 +169,7 @@ def worker(name: str, model_dir: Path, gguf_file: str | None, data: Path, lora_r
     batch = next(batches(run.train_data, BATCH, True, config.seed, 0))
     cuda = device == "cuda"
     t0 = time.perf_counter()
-    loss, _ = loop.train_step(run, batch)
+    loss = loop.train_step(run, batch)[0]
     step_s = time.perf_counter() - t0
     times = []
     for _ in range(timed_steps):  # the same batch again: the memory peak is already set
