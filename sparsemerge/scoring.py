@@ -128,27 +128,39 @@ def evaluate_lm(model: nn.Module, encoded: dict, batch_size: int = 64, *,
         result = {"loss": total / count, "perplexity": math.exp(total / count),
                   "examples": len(encoded["input_ids"])}
         if generate_tokens is not None:
-            result["exact_match"] = _exact_match(model, encoded, generate_tokens, tokenizer)
+            result["exact_match"] = _exact_match(model, encoded, generate_tokens, tokenizer,
+                                                 batch_size)
     finally:
         model.train(was_training)
     return result
 
 
-def _exact_match(model: nn.Module, encoded: dict, max_new_tokens: int, tokenizer: Any) -> float:
+def _exact_match(model: nn.Module, encoded: dict, max_new_tokens: int, tokenizer: Any,
+                 batch_size: int) -> float:
     """Share of examples whose greedy continuation of the prompt (everything before the last
-    response) decodes to the last response (one example at a time: no padding to handle)."""
+    response) decodes to the last response. Prompts of equal length are generated together,
+    ``batch_size`` at a time: a batch needs no padding, so each answer is the one its prompt
+    gets alone (up to the batched kernels' rounding)."""
     device = next(model.parameters()).device
-    hits = 0
-    for ids, labels in zip(encoded["input_ids"], encoded["labels"], strict=True):
+    by_length: dict[int, list[int]] = {}
+    for i, labels in enumerate(encoded["labels"]):
         start = len(labels)  # the last response: the final run of labelled tokens
         while start > 0 and labels[start - 1] != IGNORE_INDEX:
             start -= 1
-        prompt = torch.tensor([ids[:start]], device=device)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=getattr(encoded, "pad_token_id", 0))
-        answer = tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
-        hits += answer == tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+        by_length.setdefault(start, []).append(i)
+    hits = 0
+    for start, rows in by_length.items():
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            prompts = torch.tensor([encoded["input_ids"][i][:start] for i in chunk],
+                                   device=device)
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=getattr(encoded, "pad_token_id", 0))
+            for i, row in zip(chunk, out, strict=True):
+                answer = tokenizer.decode(row[start:], skip_special_tokens=True).strip()
+                ref = encoded["input_ids"][i][start:]
+                hits += answer == tokenizer.decode(ref, skip_special_tokens=True).strip()
     return hits / len(encoded["input_ids"])
 
 

@@ -188,3 +188,27 @@ def test_forgetting_reports_zero_shot_prompted_tasks(adapters, causal_llama, tmp
     assert r.exit_code == 0, r.output
     zero_shot = json.loads(r.stdout)["zero_shot"]
     assert list(zero_shot) == ["mrpc"] and zero_shot["mrpc"]["examples"] == 2
+
+
+def test_exact_match_generates_equal_length_prompts_together(causal_llama):
+    """Half the references are the model's own greedy answers (generated one prompt at a time
+    here), half are not: exact match is 0.5 whatever the batch size."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsemerge.data.batching import IGNORE_INDEX, Encoded
+    from sparsemerge.scoring import evaluate_lm
+
+    model = AutoModelForCausalLM.from_pretrained(causal_llama).eval()
+    tok = AutoTokenizer.from_pretrained(causal_llama)
+    encoded = Encoded(input_ids=[], attention_mask=[], labels=[])
+    for i in range(8):
+        prompt = [101] + [1000 + i + k for k in range(2 + i % 3)]  # lengths 3, 4, 5
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        answer = greedy if i % 2 == 0 else [t + 1 for t in greedy]
+        encoded["input_ids"].append(prompt + answer)
+        encoded["attention_mask"].append([1] * len(prompt + answer))
+        encoded["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
+    for batch_size in (1, 3, 64):
+        got = evaluate_lm(model, encoded, batch_size, generate_tokens=2, tokenizer=tok)
+        assert got["exact_match"] == 0.5
