@@ -266,7 +266,9 @@ def main() -> None:
     if args.table:
         runs: dict[str, dict] = {}
         for f in args.table:
-            runs.update(json.loads(Path(f).read_text())["seeds"])
+            part = json.loads(Path(f).read_text())
+            runs.update(part["seeds"])
+            setup.setdefault("seed_commands", []).append(part["setup"]["command"])
         result = {"setup": setup, "seeds": runs, **table(runs)}
     else:
         runs = {str(s): merge_seed(s, args) for s in seeds}

@@ -418,7 +418,7 @@ def test_gpu_dense_block_sddmm_matches_the_csr_kernel(monkeypatch):
         deltas = attach_sparse_deltas(lin, idx)
         if gpu_path:
             for t in deltas.targets.values():
-                t._row_blocks = sparse_linear._row_blocks(t.indices, t.shape)
+                t._row_blocks = sparse_linear._row_blocks(t._idx, t.shape)
                 assert len(t._row_blocks) > 1
         lin(torch.randn(64, 48, generator=torch.Generator().manual_seed(2))).square().sum() \
             .backward()
@@ -446,3 +446,42 @@ def test_cuda_matches_oracle():
         res[impl] = (xi.grad, ds["0.weight"].values.grad, ds["0.weight"].gate.grad)
     for a, b in zip(res["fast"], res["autograd"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_index_state_is_int32_and_grads_match_the_oracle():
+    """Per trainable entry the fast path stores no int64 index (flat indices, CSR columns and
+    permutation in int32; the row-major CSR columns not at all), the originals in the
+    weight's dtype; its gradients still equal the autograd oracle's and ``deltas()`` still
+    gives the int64 indices. A tall (row-major pattern) and a wide (W^T pattern) layer."""
+    from sparsemerge.train import sparse_linear
+
+    torch.manual_seed(1)
+    lin = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40))
+    g = torch.Generator().manual_seed(0)
+    idx = {n: torch.randperm(p.numel(), generator=g)[: p.numel() // 20].sort().values
+           for n, p in lin.named_parameters() if n.endswith("weight")}
+    vals = _values(idx)
+    x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for impl in ("fast", "autograd"):
+        m = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40))
+        m.load_state_dict(lin.state_dict())
+        ds = attach_sparse_deltas(m, idx, impl, gate=0.7, values_init=vals)
+        xi = x.clone().requires_grad_(True)
+        m(xi).square().sum().backward()
+        grads[impl] = [xi.grad] + [p.grad for _, p in ds.named_parameters()]
+        for name, (i, _) in ds.deltas().items():
+            assert i.dtype == torch.int64 and torch.equal(i, idx[name])
+        if impl == "fast":
+            tall, wide = ds["0.weight"], ds["2.weight"]
+            assert tall._col is None and tall._perm is None
+            assert wide._col is not None and wide._perm is not None
+            for t in (tall, wide):
+                assert t.orig.dtype == t.module.weight.dtype
+                state = [v for v in vars(t).values() if isinstance(v, torch.Tensor)
+                         and not v.is_floating_point()]
+                assert state and all(v.dtype == torch.int32 for v in state)
+    for a, b in zip(grads["fast"], grads["autograd"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert sparse_linear._index_dtype(2**31 - 1) == torch.int32
+    assert sparse_linear._index_dtype(2**31) == torch.int64

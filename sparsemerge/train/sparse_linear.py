@@ -8,7 +8,7 @@ and trainable fp32 ``values`` the effective weight is kept *merged in place*::
     W[idx] = orig + gate * values            (SpaRTA: no gate, i.e. gate = 1)
     W      = W0 + gate * (D + scatter(values))   (with a frozen dense init D, e.g. RIGSA)
 
-``orig`` is an fp32 copy of ``W0`` at the indices taken at attach time, so every re-sync
+``orig`` is a copy of ``W0`` at the indices taken at attach time, so every re-sync
 recomputes the weight from the original values: no drift however many steps are taken, and
 ``remove()`` restores ``W0`` bit-exactly. (With a dense ``D`` the whole ``W0`` is kept, since
 the whole weight changes whenever the gate does.)
@@ -80,8 +80,9 @@ test oracle and the ``--impl autograd`` baseline. It never writes into the weigh
 
 Precision
 ---------
-``values``, ``gate`` and ``orig`` are fp32 whatever the weight dtype. For bf16/fp16 weights
-each sync writes ``(orig + gate * values).to(weight.dtype)`` (round to nearest even): a delta
+``values`` and ``gate`` are fp32 whatever the weight dtype; ``orig`` is kept in the weight's
+dtype (exact) and upcast to fp32 per sync. For bf16/fp16 weights each sync writes
+``(orig + gate * values).to(weight.dtype)`` (round to nearest even): a delta
 smaller than half an ulp of ``W0`` at that entry does not show in the forward yet, but it keeps
 accumulating in fp32 (its gradient does not depend on the rounding) and appears once large
 enough. The SDDMM is computed in fp32 (both operands cast up per layer, transiently). The
@@ -103,8 +104,12 @@ frozen reference model); use a copy.
 
 Memory
 ------
-Per trainable entry: values, their gradient and two AdamW moments (16 B), ``orig`` (4 B),
-indices and the CSR pattern (~20 B, +8 B permutation for wide layers). No dense weight
+Per trainable entry: values, their gradient and two AdamW moments (16 B), ``orig`` in the
+weight's dtype (2 B on a bf16 base, 4 B on fp32), the flat indices in int32 (4 B; int64 only
+for a weight of 2**31 entries or more): 22-24 B, plus 8 B on wide layers on the CPU (in >
+out: the int32 CSR columns of W^T and the permutation back). The row-major pattern's columns
+(``indices % in``) and the pattern's zeros are made per backward, and the int64 copy of the
+indices that ``index_copy_`` needs per sync: transient, one layer at a time. No dense weight
 gradient. Activations: each target keeps its input (as ``X^T``, shared by targets that read
 the same input), like full fine-tuning does; LoRA keeps inputs only of the layers it adapts.
 """
@@ -159,20 +164,17 @@ def _f32(a: torch.Tensor) -> torch.Tensor:
     return a if a.dtype == torch.float32 else a.float()
 
 
-def _csr_pattern(indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A CSR (out x in) fp32 tensor of zeros at ``indices`` (sorted flat row-major)."""
-    rows_n, cols_n = shape
-    rows = torch.div(indices, cols_n, rounding_mode="floor")
-    cols = indices - rows * cols_n
-    crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
-    # Zeros, not empty(): sampled_addmm multiplies the pattern by beta=0 and NaN * 0 = NaN.
-    vals = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
-        return torch.sparse_csr_tensor(
-            crow, cols, vals, shape, check_invariants=True
-        )
+def _index_dtype(numel: int) -> torch.dtype:
+    """int32 for the index state of a weight with fewer than 2**31 entries (half of int64's
+    bytes per trainable entry), else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _crow(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers (in ``rows``' dtype) of the entries in rows ``rows`` (sorted or not)."""
+    crow = torch.zeros(n_rows + 1, dtype=rows.dtype, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return crow
 
 
 class _TransposeCache:
@@ -248,17 +250,17 @@ def _sddmm(target: SparseDeltaTarget, gyt: torch.Tensor, xt: torch.Tensor) -> to
     """(dY^T @ X) at the target's indices in row-major order, fp32; ``gyt`` = dY^T (out, T)
     and ``xt`` = X^T (in, T), both contiguous fp32."""
     if target._row_blocks is not None:  # a GPU: dense blocks of dW, gathered
-        vals = torch.empty(target.indices.numel(), dtype=torch.float32, device=gyt.device)
+        vals = torch.empty(target.nnz, dtype=torch.float32, device=gyt.device)
         in_f = xt.shape[0]
         for r0, r1, lo, hi in target._row_blocks:
             block = torch.mm(gyt[r0:r1], xt.t()).view(-1)
-            vals[lo:hi] = block.index_select(0, target.indices[lo:hi] - r0 * in_f)
+            vals[lo:hi] = block.index_select(0, target._idx[lo:hi] - r0 * in_f)
         return vals
     if target._perm is None:
-        return torch.sparse.sampled_addmm(target._pattern, gyt, xt.t(), beta=0.0).values()
+        return torch.sparse.sampled_addmm(target._csr(), gyt, xt.t(), beta=0.0).values()
     # Wide input (in > out): stream the bigger X^T row by row, gather from the smaller dY^T,
     # then put the values back in row-major order.
-    vals_t = torch.sparse.sampled_addmm(target._pattern, xt, gyt.t(), beta=0.0).values()
+    vals_t = torch.sparse.sampled_addmm(target._csr(), xt, gyt.t(), beta=0.0).values()
     return vals_t.index_select(0, target._perm)
 
 
@@ -367,8 +369,10 @@ class SparseDeltaTarget:
         self.impl = impl
         self.shape = (out_f, in_f)
         dev = weight.device
-        self.indices = indices.to(device=dev, dtype=torch.int64).contiguous()
-        nnz = self.indices.numel()
+        # The index state (flat indices, CSR pointers/columns, permutation) in int32 when the
+        # weight allows; ``indices`` / ``delta()`` give int64 copies.
+        self._idx = indices.to(device=dev, dtype=_index_dtype(weight.numel())).contiguous()
+        nnz = self._idx.numel()
         if values is None:
             v = torch.zeros(nnz, dtype=torch.float32, device=dev)
         else:
@@ -390,27 +394,30 @@ class SparseDeltaTarget:
             dense = dense.detach().to(device=dev, dtype=torch.float32).contiguous()
         self.dense = dense
         self._xt_cache = xt_cache
-        self._pattern: torch.Tensor | None = None
+        # CPU: the SDDMM's CSR pattern as row pointers plus, for W^T, columns and the
+        # permutation back to row-major order (see ``_csr``).
+        self._crow: torch.Tensor | None = None
+        self._col: torch.Tensor | None = None
         self._perm: torch.Tensor | None = None
         self._row_blocks: list[tuple[int, int, int, int]] | None = None
         if impl == "fast" and dev.type != "cpu":
-            self._row_blocks = _row_blocks(self.indices, self.shape)
+            self._row_blocks = _row_blocks(self._idx, self.shape)
         elif impl == "fast":
+            rows, cols = self._idx // in_f, self._idx % in_f
             if in_f > out_f:
                 # The CPU kernel walks the CSR rows of its first operand in order and reads the
                 # second at random rows: better the random reads hit the smaller dY^T. So the
                 # pattern is built for W^T (in x out); _perm maps back to row-major order.
-                t_flat = (self.indices % in_f) * out_f + self.indices // in_f
-                order = torch.argsort(t_flat)
-                self._pattern = _csr_pattern(t_flat[order], (in_f, out_f))
-                self._perm = torch.empty_like(order)
-                self._perm[order] = torch.arange(nnz, device=dev)
+                order = torch.argsort(cols * out_f + rows)
+                self._crow = _crow(cols, in_f)
+                self._col = rows[order]
+                self._perm = torch.empty_like(rows)
+                self._perm[order] = torch.arange(nnz, dtype=rows.dtype, device=dev)
             else:
-                self._pattern = _csr_pattern(self.indices, self.shape)
+                self._crow = _crow(rows, out_f)
         with torch.no_grad():
-            flat = weight.detach().view(-1)
-            # Original entries in fp32 (exact for fp32/bf16/fp16 weights).
-            self.orig = flat.index_select(0, self.indices).to(torch.float32)
+            # Original entries in the weight's dtype (exact), upcast to fp32 per sync.
+            self.orig = weight.detach().view(-1).index_select(0, self._idx)
             # With a dense init the whole weight changes with the gate: keep all of W0.
             self.w0 = weight.detach().clone() if dense is not None else None
         self._synced: tuple[int, int] | None = None
@@ -425,7 +432,27 @@ class SparseDeltaTarget:
     # -- state ---------------------------------------------------------------------------
     @property
     def nnz(self) -> int:
-        return int(self.indices.numel())
+        return int(self._idx.numel())
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The sorted flat indices as int64 (a copy when they are stored as int32)."""
+        return self._idx.to(torch.int64)
+
+    def _csr(self) -> torch.Tensor:
+        """The SDDMM's CSR pattern, an fp32 tensor of zeros (of W, or of W^T for wide layers).
+
+        Built per call from the stored row pointers: the columns of W's row-major pattern are
+        ``_idx % in`` (not stored), the values transient zeros. O(nnz), a few percent of the
+        SDDMM itself, and it saves 8 bytes per trainable entry.
+        """
+        col = self._idx % self.shape[1] if self._col is None else self._col
+        shape = self.shape if self._col is None else self.shape[::-1]
+        # Zeros, not empty(): sampled_addmm multiplies the pattern by beta=0 and NaN * 0 = NaN.
+        vals = torch.zeros(col.numel(), dtype=torch.float32, device=col.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+            return torch.sparse_csr_tensor(self._crow, col, vals, shape, check_invariants=False)
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.values] if self.gate is None else [self.values, self.gate]
@@ -447,10 +474,12 @@ class SparseDeltaTarget:
             # ``orig + v * gate`` (two roundings, no fused multiply-add as in addcmul): the
             # same arithmetic as ``apply.add_delta_``, so a saved adapter re-applies to
             # bit-identical weights.
-            new = self.orig + v if self.gate is None else self.orig + v * self.gate
-            weight.view(-1).index_copy_(0, self.indices, new.to(weight.dtype))
+            orig = _f32(self.orig)
+            new = orig + v if self.gate is None else orig + v * self.gate
+            # index_copy_ takes int64 indices only: a transient copy, as cheap as the write.
+            weight.view(-1).index_copy_(0, self._idx.long(), new.to(weight.dtype))
         else:
-            delta = self.dense.reshape(-1).index_add(0, self.indices, v)
+            delta = self.dense.reshape(-1).index_add(0, self._idx, v)
             w0 = self.w0.reshape(-1).to(torch.float32)
             # Out of place: w0 must never be modified (it may alias self.w0 for fp32).
             full = w0 + delta if self.gate is None else w0 + delta * self.gate  # as above
@@ -461,17 +490,17 @@ class SparseDeltaTarget:
         """Dense fp32 ``gate * (D + S)`` (for checks; O(numel) memory)."""
         d = (
             torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32,
-                        device=self.indices.device)
+                        device=self._idx.device)
             if self.dense is None else self.dense.reshape(-1).clone()
         )
-        d.index_add_(0, self.indices, self.values.detach())
+        d.index_add_(0, self._idx, self.values.detach())
         if self.gate is not None:
             d.mul_(self.gate.detach())
         return d.view(self.shape)
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, values) detached copies; the gate (if any) is *not* folded in."""
-        return self.indices.clone(), self.values.detach().clone()
+        """(int64 indices, values) detached copies; the gate (if any) is *not* folded in."""
+        return self._idx.to(torch.int64, copy=True), self.values.detach().clone()
 
     # -- forward -------------------------------------------------------------------------
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +537,7 @@ class SparseDeltaTarget:
             torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
             if self.dense is None else self.dense.reshape(-1)
         )
-        delta = base.index_add(0, self.indices, self.values)
+        delta = base.index_add(0, self._idx, self.values)
         if self.gate is not None:
             delta = delta * self.gate
         w_eff = (w.to(torch.float32) + delta.view(self.shape)).to(w.dtype)
@@ -535,7 +564,7 @@ class SparseDeltaTarget:
             if self.w0 is not None:
                 w.copy_(self.w0)
             else:
-                w.view(-1).index_copy_(0, self.indices, self.orig.to(w.dtype))
+                w.view(-1).index_copy_(0, self._idx.long(), self.orig)
         if "forward" in m.__dict__:
             del m.forward
         for attr in (VALUES_ATTR, GATE_ATTR, _MARK):
@@ -543,7 +572,7 @@ class SparseDeltaTarget:
                 del m._parameters[attr]
             elif attr in m.__dict__:
                 delattr(m, attr)
-        self._pattern = None
+        self._crow = self._col = self._perm = None
         self._removed = True
 
 

@@ -124,6 +124,7 @@ class _DenseDelta:
     reset values (AdamW's decay touches them, the write-back undoes it bit-exactly).
     The module's weight is never written (it stays ``W0``); the forward is overridden on the
     instance and builds ``W0 + dW * gate`` with the same rounding as ``apply.add_delta_``.
+    ``delta`` is taken over, not copied (on the weight's device, in fp32): pass a fresh tensor.
     """
 
     def __init__(self, module: nn.Linear, delta: torch.Tensor, gate: float,
@@ -131,7 +132,7 @@ class _DenseDelta:
         w = module.weight
         self.module = module
         self.delta = nn.Parameter(delta.detach().to(device=w.device, dtype=torch.float32)
-                                  .reshape(w.shape).clone())
+                                  .view(w.shape))
         self.gate = nn.Parameter(torch.tensor(float(gate), dtype=torch.float32, device=w.device))
         self.frozen = frozen  # bool, shape of w: True where the entry is frozen; None: none
         self.reset = reset  # frozen entries' values (None: zero)
@@ -149,8 +150,8 @@ class _DenseDelta:
             return
         if self.reset is None:
             self.delta.masked_fill_(self.frozen, 0.0)
-        else:
-            self.delta.copy_(torch.where(self.frozen, self.reset, self.delta))
+        else:  # in place: no dense temporary
+            torch.where(self.frozen, self.reset, self.delta, out=self.delta)
 
     def trainable_indices(self) -> torch.Tensor:
         flat = None if self.frozen is None else self.frozen.reshape(-1)
@@ -161,7 +162,11 @@ class _DenseDelta:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         w = m.weight
-        w_eff = (w.to(torch.float32) + self.delta * self.gate).to(w.dtype)
+        # ``dW * gate + W0`` in place on the product: one dense fp32 temporary, not two or
+        # three (product, sum, and W0 upcast on a half base); fp32 addition commutes exactly,
+        # so the values are those of ``W0 + dW * gate`` (``apply.add_delta_``). Legal in
+        # place: mul saves its inputs for backward, not its output.
+        w_eff = (self.delta * self.gate).add_(w).to(w.dtype)
         return F.linear(x, w_eff, m.bias)
 
     def remove(self) -> None:
