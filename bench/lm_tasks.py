@@ -3,8 +3,9 @@
 Issue #17's must-show runs, one process per run so that a GPU runs many at once
 (``bench/lm_tasks_gpu.sh`` launches them all and prints the tables):
 
-- ``--part sst2`` (A): SST-2 in the SpaRTA paper's chat prompt (``ZERO_SHOT_PROMPTS["sst2"]``,
-  the sentence in a user turn), head from the vocabulary rows of the label tokens No / Yes.
+- ``--part sst2`` (A): SST-2 in sparsemerge's zero-shot chat prompt (``ZERO_SHOT_PROMPTS
+  ["sst2"]``, the sentence in a user turn), head from the vocabulary rows of the answer tokens
+  negative / positive.
   ``zero-shot``: dev accuracy of that head before any step. ``sparta`` / ``lora``: SpaRTA at
   exactly PEFT LoRA r=``--lora-rank``'s trainable count on the same targets (q_proj, v_proj),
   vs that LoRA; same data (the first ``--max-train-examples`` rows, 1 epoch), template, steps.
@@ -97,8 +98,9 @@ def log_steps(every: int, progress: dict, deadline: float) -> None:
     still evaluated and saved within the driver's timeout."""
     inner = loop.train_step
 
-    def step(run: loop.Run, batch: dict) -> tuple[float, int]:
-        loss, correct = inner(run, batch)
+    def step(run: loop.Run, batch: dict) -> tuple[float, int, int]:
+        out = inner(run, batch)
+        loss = out[0]
         progress.update(step=run.step, total=run.total_steps, loss=loss)
         if time.monotonic() > deadline and run.step < run.total_steps:
             log(f"deadline: training stops at step {run.step} of {run.total_steps}")
@@ -107,7 +109,7 @@ def log_steps(every: int, progress: dict, deadline: float) -> None:
         if run.step % every == 0 or run.step in (1, run.total_steps):
             rate = (time.perf_counter() - progress["t0"]) / run.step
             log(f"step {run.step}/{run.total_steps} loss {loss:.4f} ({rate:.3f} s/step)")
-        return loss, correct
+        return out
 
     loop.train_step = step
 

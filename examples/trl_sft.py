@@ -5,13 +5,13 @@ PEFT-style API.
 (its embeddings and LM head stay frozen); ``SFTTrainer`` trains the model as it would any
 other, with its own defaults (loss on the completions only); ``save_pretrained`` writes a
 sparsemerge adapter, which ``sparsemerge generate`` answers with in the chat format it was
-trained in. The data: SST-2 asked as SpaRTA's zero-shot chat prompt, answered Yes or No. With
-no arguments it trains SmolLM2-135M-Instruct (from the Hub) on 1,000 rows of the SST-2 subset
-shipped with sparsemerge and writes ``examples/out/trl-sst2/``::
+trained in. The data: SST-2 asked as sparsemerge's zero-shot chat prompt, answered with one
+word, negative or positive. With no arguments it trains SmolLM2-135M-Instruct (from the Hub)
+on 1,000 rows of the SST-2 subset shipped with sparsemerge and writes ``examples/out/trl-sst2/``::
 
     pip install 'sparsemerge[trl]'
     python examples/trl_sft.py
-    P='Determine if the following sentence has a positive sentiment. Respond Yes or No.'
+    P='Is the sentiment of the following sentence positive or negative? Answer with one word.'
     sparsemerge generate examples/out/trl-sst2 "$(printf '%s\\n\\n%s' "$P" 'A charming film.')"
 """
 
@@ -34,7 +34,7 @@ from sparsemerge.forgetting import ZERO_SHOT_PROMPTS
 from sparsemerge.train.config import sparta_auto_lr
 
 HERE = Path(__file__).resolve().parent
-TEMPLATE, ANSWERS = ZERO_SHOT_PROMPTS["sst2"]  # one answer per label: No, Yes
+TEMPLATE, ANSWERS = ZERO_SHOT_PROMPTS["sst2"]  # one answer per label: negative, positive
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

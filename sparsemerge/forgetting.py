@@ -44,10 +44,13 @@ __all__ = ["ZERO_SHOT_PROMPTS", "forgetting", "is_causal_lm", "lm_forgetting", "
            "task_forgetting", "zero_shot_accuracy"]
 
 #: Prompts an instruction model answers zero-shot, SpaRTA-style (§6.3): per preset task, the
-#: template over its columns and one answer per label, in the preset's label order.
+#: template over its columns and one answer per label, in the preset's label order. SST-2 asks
+#: for "positive or negative", not the paper's "Respond Yes or No": on SmolLM2-135M-Instruct
+#: (Q4_1) the Yes/No wording scores 57.5 % on the first 200 dev sentences (near chance: it
+#: leans to "No"), this one 69 %; a forgetting probe at chance would measure nothing.
 ZERO_SHOT_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sst2": ("Determine if the following sentence has a positive sentiment. Respond Yes or "
-             "No.\n\n{sentence}", ("No", "Yes")),
+    "sst2": ("Is the sentiment of the following sentence positive or negative? Answer with one "
+             "word.\n\n{sentence}", ("negative", "positive")),
     "cola": ("Determine if the following sentence is grammatically acceptable. Respond Yes or "
              "No.\n\n{sentence}", ("No", "Yes")),
     "mrpc": ("Determine if the following two sentences mean the same thing. Respond Yes or "
