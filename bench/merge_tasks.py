@@ -1,11 +1,12 @@
 """Merges that keep every task: MiniLM-L6 SpaRTA adapters for SST-2, CoLA, MRPC and SMS spam.
 
 One configuration for every task: ``sparsemerge train``'s defaults for SpaRTA (density 0.5 %,
-``--lr auto``, 3 epochs, batch 32, max length 128), with a mask seed of its own per task and
-seed (``10 * task index + seed``: adapters meant to be merged should not share one mask) and
-the last ``--holdout`` training rows left out of training (``max_train_examples``), so that
-``merge --calibrate`` has training rows no adapter saw (``--max-train N``: at most the first N
-rows of each task; the GPU run uses 8000, SST-2's 67k would take most of the time). Each task
+``--lr auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a fixed rate), with a mask
+seed of its own per task and seed (``10 * task index + seed``: adapters meant to be merged
+should not share one mask) and the last ``--holdout`` training rows left out of training
+(``max_train_examples``), so that ``merge --calibrate`` has training rows no adapter saw
+(``--max-train N``: at most the first N rows of each task; SST-2's 67k would take most of the
+time). Each task
 is scored on its dev split alone, then merged two at a time (all 6 pairs) and all 4 at once
 with every ``--merges`` spec (``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate
 N``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the written multi-head model.
@@ -74,6 +75,7 @@ def train_one(task: str, seed: int, args: argparse.Namespace) -> Path:
     kept = min(64 if args.quick else args.max_train or rows, rows - args.holdout)
     cfg = TrainConfig(task=task, data_dir=str(Path(args.data_dir).resolve()), seed=seed,
                       method_params={"mask_seed": 10 * TASK_ORDER.index(task) + seed},
+                      lr=args.lr,
                       max_train_examples=kept, max_steps=4 if args.quick else None,
                       eval_steps=5 if args.quick else None,  # quick: the final dev pass only
                       device=args.device, quiet=True, output=str(out))
@@ -193,6 +195,7 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
     work = Path(args.workdir)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     common = ["--data-dir", args.data_dir, "--workdir", args.workdir, "--device", args.device,
+              "--lr", str(args.lr),
               "--holdout", str(args.holdout), "--merges", args.merges, "--base-seed",
               str(args.base_seed), "--seeded-tasks", ",".join(args.seeded_tasks),
               *(["--max-dev", str(args.max_dev)] if args.max_dev else []),
@@ -234,6 +237,8 @@ def main() -> None:
     ap.add_argument("--max-dev", type=int, default=None, help="score only the first N dev rows")
     ap.add_argument("--max-train", type=int, default=None,
                     help="train on at most the first N rows of each task (SST-2 has 67k)")
+    ap.add_argument("--lr", default="auto", type=lambda v: v if v == "auto" else float(v),
+                    help="the adapters' learning rate (default auto: SpaRTA's 1e-4/density)")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")
