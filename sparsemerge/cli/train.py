@@ -35,7 +35,8 @@ _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _LR_HELP = (f"Learning rate of the trainable backbone entries, or auto: SpaRTA "
             f"{SPARTA_LR_X_DENSITY:g} / density, at most {SPARTA_LR_MAX:g} "
             f"({sparta_auto_lr(_D['density']):g} at the default --density), other methods "
-            f"{DEFAULT_LR:g}.")
+            f"{DEFAULT_LR:g}. Adapters meant to be merged with others: a fixed 2e-3 keeps "
+            f"their deltas small enough to merge (README, Merging unrelated tasks).")
 _HEAD_LR_HELP = (f"Learning rate of the head (default: {SPARTA_AUTO_HEAD_LR:g} for SpaRTA with "
                  f"--lr auto, else {HEAD_LR_FACTOR:g} x --lr).")
 _TASKS = "|".join(TASKS)
