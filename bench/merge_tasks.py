@@ -6,10 +6,10 @@ seed of its own per task and seed (``10 * task index + seed``: adapters meant to
 should not share one mask) and the last ``--holdout`` training rows left out of training
 (``max_train_examples``), so that ``merge --calibrate`` has training rows no adapter saw
 (``--max-train N``: at most the first N rows of each task; SST-2's 67k would take most of the
-time). Each task
-is scored on its dev split alone, then merged two at a time (all 6 pairs) and all 4 at once
-with every ``--merges`` spec (``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate
-N``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the written multi-head model.
+time). Each task is scored on its dev split alone, then merged two at a time (all 6 pairs) and
+all 4 at once with every ``--merges`` spec (``METHOD[:k=v;...]``; ``calibrate=N`` runs
+``merge --calibrate N``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the
+written multi-head model.
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
 headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
 per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).

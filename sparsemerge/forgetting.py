@@ -46,8 +46,8 @@ __all__ = ["ZERO_SHOT_PROMPTS", "forgetting", "is_causal_lm", "lm_forgetting", "
 #: Prompts an instruction model answers zero-shot, SpaRTA-style (§6.3): per preset task, the
 #: template over its columns and one answer per label, in the preset's label order. SST-2 asks
 #: for "positive or negative", not the paper's "Respond Yes or No": on SmolLM2-135M-Instruct
-#: (Q4_1) the Yes/No wording scores 57.5 % on the first 200 dev sentences (near chance: it
-#: leans to "No"), this one 69 %; a forgetting probe at chance would measure nothing.
+#: (Q4_1) the Yes/No wording scores 51.49 % on the SST-2 dev set (chance: it answers "No"),
+#: this one 65.71 % (README, Instruction models); a forgetting probe at chance measures nothing.
 ZERO_SHOT_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sst2": ("Is the sentiment of the following sentence positive or negative? Answer with one "
              "word.\n\n{sentence}", ("negative", "positive")),
