@@ -1,7 +1,8 @@
 """Merges that keep every task: MiniLM-L6 SpaRTA adapters for SST-2, CoLA, MRPC and SMS spam.
 
 One configuration for every task: ``sparsemerge train``'s defaults for SpaRTA (density 0.5 %,
-``--lr auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a fixed rate), with a mask
+``--lr auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a fixed rate and
+``--weight-decay X`` a decay), with a mask
 seed of its own per task and seed (``10 * task index + seed``: adapters meant to be merged
 should not share one mask) and the last ``--holdout`` training rows left out of training
 (``max_train_examples``), so that ``merge --calibrate`` has training rows no adapter saw
@@ -75,7 +76,7 @@ def train_one(task: str, seed: int, args: argparse.Namespace) -> Path:
     kept = min(64 if args.quick else args.max_train or rows, rows - args.holdout)
     cfg = TrainConfig(task=task, data_dir=str(Path(args.data_dir).resolve()), seed=seed,
                       method_params={"mask_seed": 10 * TASK_ORDER.index(task) + seed},
-                      lr=args.lr,
+                      lr=args.lr, weight_decay=args.weight_decay,
                       max_train_examples=kept, max_steps=4 if args.quick else None,
                       eval_steps=5 if args.quick else None,  # quick: the final dev pass only
                       device=args.device, quiet=True, output=str(out))
@@ -195,7 +196,7 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
     work = Path(args.workdir)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     common = ["--data-dir", args.data_dir, "--workdir", args.workdir, "--device", args.device,
-              "--lr", str(args.lr),
+              "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
               "--holdout", str(args.holdout), "--merges", args.merges, "--base-seed",
               str(args.base_seed), "--seeded-tasks", ",".join(args.seeded_tasks),
               *(["--max-dev", str(args.max_dev)] if args.max_dev else []),
@@ -239,6 +240,8 @@ def main() -> None:
                     help="train on at most the first N rows of each task (SST-2 has 67k)")
     ap.add_argument("--lr", default="auto", type=lambda v: v if v == "auto" else float(v),
                     help="the adapters' learning rate (default auto: SpaRTA's 1e-4/density)")
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="the adapters' decoupled weight decay (pulls each delta toward 0)")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")

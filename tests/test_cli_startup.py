@@ -123,3 +123,28 @@ def test_help_still_lists_methods_and_unknown_method_is_named():
     assert r.exit_code == 2
     assert "unknown training method 'nope'" in r.stderr
     assert all(name in r.stderr for name in METHODS)
+
+
+def test_help_text_fits_an_80_column_terminal():
+    """Typer keeps the docstrings' line breaks (after the first paragraph), so a source line
+    longer than the terminal wraps raggedly: every line of every command's help, the
+    generated merge-method list included, must fit 78 columns (the panel's margins)."""
+    import inspect
+
+    from rich.text import Text
+
+    def lines(command, path):
+        help_text = inspect.cleandoc(command.help or "").partition("\f")[0]
+        first, _, rest = help_text.partition("\n\n")  # the first paragraph is reflowed
+        for line in rest.splitlines():
+            yield path, Text.from_markup(line).plain
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from lines(sub, f"{path} {name}")
+
+    from sparsemerge.cli.merge import methods_help  # appended to merge's help when shown
+
+    root = typer.main.get_command(app)
+    too_long = [(path, line) for path, line in lines(root, "sparsemerge") if len(line) > 78]
+    too_long += [("merge methods", line) for line in methods_help().splitlines()
+                 if len(Text.from_markup(line).plain) > 78]
+    assert not too_long, too_long

@@ -88,7 +88,8 @@ def apply(
 
     $ sparsemerge apply sst2 -o sst2-model
 
-    Then, in Python: AutoModelForSequenceClassification.from_pretrained("sst2-model")
+    Then, in Python:
+    AutoModelForSequenceClassification.from_pretrained("sst2-model")
     """
     from sparsemerge.apply import materialize
     from sparsemerge.formats.adapter_file import load_adapter

@@ -11,6 +11,7 @@ read only when the help text is actually shown (:class:`MergeCommand`) or a comm
 from __future__ import annotations
 
 import contextlib
+import textwrap
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -24,34 +25,45 @@ from sparsemerge.cli.common import console, err_console, print_json, user_errors
 
 DEFAULT_METHOD = "sum"  # the same defaults as sparsemerge.merge.recipe (checked by a test)
 DEFAULT_INPUT_DENSITY = 0.01
+HELP_WIDTH = 76  # the generated method list fits an 80-column terminal
 
 
 def methods_help() -> str:
     """One block per registered operator: summary, reference, parameters (from declarations)."""
     from sparsemerge.merge.operators import OPERATORS
 
+    def wrap(text: str, indent: str, hang: str = "") -> list[str]:
+        return textwrap.wrap(text, HELP_WIDTH, initial_indent=indent,
+                             subsequent_indent=indent + hang, break_on_hyphens=False)
+
     blocks = []
     for op in OPERATORS.values():
-        lines = [f"[bold]{op.name}[/]: {escape(op.summary)}",
-                 f"    [dim]{escape(op.reference)}[/]"]
-        lines += [f"    - {escape(p.describe())}" for p in op.params]
+        head = wrap(f"{op.name}: {op.summary}", "", "    ")
+        lines = [f"[bold]{op.name}[/]{escape(head[0][len(op.name):])}"]
+        lines += [escape(line) for line in head[1:]]
+        lines += [f"[dim]{escape(line)}[/]" for line in wrap(op.reference, "    ")]
+        lines += [escape(line) for p in op.params for line in wrap(f"- {p.describe()}",
+                                                                    "    ", "  ")]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
 _MERGE_DOC = """Merge sparse adapters into one adapter, or (--heads) into a multi-head model.
 
-Inputs are sparsemerge adapter directories, hf://owner/name[@rev], PEFT LoRA directories
-(ΔW = scale·BA) or fully fine-tuned model directories (Δ = θ − θ0, sparsified to
---input-density). Per target tensor the inputs' deltas (gates folded in) are combined by the
-method; heads are never merged: each task keeps its own. With --heads, OUT is a standard
-Hugging Face model directory for the merged backbone (the base streamed tensor by tensor
-into shards of at most --max-shard-size) plus heads/<task>/, sparsemerge_recipe.json and a
-model card; without, OUT is a merged adapter (format v1, mergeable and applicable).
-An input written NAME=PATH has its head renamed to NAME: heads are never merged, so task
-names must differ (merge --heads news=runs/a/ topics=runs/b/ -o both).
+Inputs are sparsemerge adapter directories, hf://owner/name[@rev], PEFT LoRA
+directories (ΔW = scale·BA) or fully fine-tuned model directories
+(Δ = θ − θ0, sparsified to --input-density). Per target tensor the inputs'
+deltas (gates folded in) are combined by the method; heads are never merged:
+each task keeps its own. With --heads, OUT is a standard Hugging Face model
+directory for the merged backbone (the base streamed tensor by tensor into
+shards of at most --max-shard-size) plus heads/<task>/,
+sparsemerge_recipe.json and a model card; without, OUT is a merged adapter
+(format v1, mergeable and applicable). An input written NAME=PATH has its
+head renamed to NAME: heads are never merged, so task names must differ
+(merge --heads news=runs/a/ topics=runs/b/ -o both).
 
-Methods and their parameters (-p NAME=VALUE; --density and --lambda are shortcuts):
+Methods and their parameters (-p NAME=VALUE; --density and --lambda are
+shortcuts):
 
 """
 
@@ -261,9 +273,10 @@ def overlap(
     shared entries, magnitude correlation, and how many entries TIES would drop for sign
     conflict, per pair and overall (exactly pooled over tensors, never averaged).
 
-    Columns: shared = entries stored by both; sign= = share of shared entries with equal
-    signs; cosine and |Δ| corr (Pearson correlation of magnitudes) on the shared entries;
-    conflicts = shared entries of opposite sign (TIES's election drops one side of each)."""
+    Columns: shared = entries stored by both; sign= = share of shared entries
+    with equal signs; cosine and |Δ| corr (Pearson correlation of magnitudes) on
+    the shared entries; conflicts = shared entries of opposite sign (TIES's
+    election drops one side of each)."""
     from sparsemerge.merge.engine import overlap_report
     from sparsemerge.merge.recipe import MergeRecipe, RecipeInput, load_inputs
 

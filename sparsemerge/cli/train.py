@@ -343,7 +343,8 @@ def train(
       --label-tokens "No,Yes" --task sst2 --max-steps 200 -o smol
 
     $ sparsemerge train --base ./smollm2 --task sst2 --label-tokens "No,Yes"
-      --template "{sentence} Is this positive? Respond Yes or No." --chat-template -o smol
+      --template "{sentence} Is this positive? Respond Yes or No."
+      --chat-template -o smol
 
     $ sparsemerge train --base ./smollm2 --objective lm --train-file mnist.jsonl
       --messages-column messages --chat-template --eval-file mnist-dev.jsonl
@@ -496,7 +497,7 @@ def evaluate(
 
     $ sparsemerge evaluate merged --task sst2=dev.tsv --task cola=cola_dev.tsv
 
-    $ sparsemerge evaluate merged --task sst2 --task cola --data-dir ../shared/data
+    $ sparsemerge evaluate merged --task sst2 --task cola --data-dir data
 
     $ sparsemerge evaluate sst2 --task sst2 --data-dir ../shared/data
 
