@@ -2,15 +2,14 @@
 
 One configuration for every task: ``sparsemerge train``'s defaults for SpaRTA (density 0.5 %,
 ``--lr auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a fixed rate and
-``--weight-decay X`` a decay), with a mask
-seed of its own per task and seed (``10 * task index + seed``: adapters meant to be merged
-should not share one mask) and the last ``--holdout`` training rows left out of training
-(``max_train_examples``), so that ``merge --calibrate`` has training rows no adapter saw
-(``--max-train N``: at most the first N rows of each task; SST-2's 67k would take most of the
-time). Each task is scored on its dev split alone, then merged two at a time (all 6 pairs) and
-all 4 at once with every ``--merges`` spec (``METHOD[:k=v;...]``; ``calibrate=N`` runs
-``merge --calibrate N``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the
-written multi-head model.
+``--weight-decay X`` a decay), with a mask seed of its own per task and seed (``10 * task index
++ seed``: adapters meant to be merged should not share one mask) and the last ``--holdout``
+training rows left out of training (``max_train_examples``), so that ``merge --calibrate`` has
+training rows no adapter saw (``--max-train N``: at most the first N rows of each task; SST-2's
+67k would take most of the time). Each task is scored on its dev split alone, then merged two
+at a time (all 6 pairs) and all 4 at once with every ``--merges`` spec (``METHOD[:k=v;...]``;
+``calibrate=N`` runs ``merge --calibrate N``, ``refit_heads=S`` ``merge --refit-heads S``),
+scored through the written multi-head model.
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
 headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
 per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
@@ -148,7 +147,17 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
                 f"{t} {scores[t]:.2f} ({change[t]:+.2f})" for t in combo)
                 + f"; weights {rep['weights']}")
     return {"single": single, "merges": merges,
+            "mean_abs_delta": {t: mean_abs_delta(p) for t, p in paths.items()},
             "adapters": {t: str(p) for t, p in paths.items()}}
+
+
+def mean_abs_delta(path: Path) -> float:
+    """Mean |delta| over the adapter's trained entries: how far training moved each one (the
+    size that decides how much a merge disturbs the other tasks)."""
+    from sparsemerge.formats.adapter_file import load_adapter
+
+    values = [t.sparse.values.float().abs() for t in load_adapter(path).targets.values()]
+    return round(float(sum(v.sum() for v in values) / sum(v.numel() for v in values)), 4)
 
 
 def table(runs: dict[str, dict]) -> dict:
