@@ -116,7 +116,7 @@ def run_one(label: str, method: str, overrides: dict, params: dict, args) -> dic
     row = {
         "label": label, "method": method, "lr": config.learning_rate,
         "lr_rule": "auto" if config.lr == "auto" else "explicit",
-        "head_lr": config.head_learning_rate, "weight_decay": config.weight_decay,
+        "head_lr": config.head_learning_rate, "weight_decay": config.decay_rate,
         "warmup_ratio": config.warmup_ratio, "seed": config.seed,
         "method_params": params, "trainable": result.trainable,
         "head_params": result.head_params, "metrics": result.metrics, "steps": result.steps,

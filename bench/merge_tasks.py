@@ -1,15 +1,15 @@
 """Merges that keep every task: MiniLM-L6 SpaRTA adapters for SST-2, CoLA, MRPC and SMS spam.
 
 One configuration for every task: ``sparsemerge train``'s defaults for SpaRTA (density 0.5 %,
-``--lr auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a fixed rate and
-``--weight-decay X`` a decay), with a mask seed of its own per task and seed (``10 * task index
-+ seed``: adapters meant to be merged should not share one mask) and the last ``--holdout``
-training rows left out of training (``max_train_examples``), so that ``merge --calibrate`` has
-training rows no adapter saw (``--max-train N``: at most the first N rows of each task; SST-2's
-67k would take most of the time). Each task is scored on its dev split alone, then merged two
-at a time (all 6 pairs) and all 4 at once with every ``--merges`` spec (``METHOD[:k=v;...]``;
-``calibrate=N`` runs ``merge --calibrate N``, ``refit_heads=S`` ``merge --refit-heads S``),
-scored through the written multi-head model.
+``--lr auto``, ``--weight-decay auto``, 3 epochs, batch 32, max length 128; ``--lr X`` sets a
+fixed rate and ``--weight-decay X`` a decay), with a mask seed of its own per task and seed
+(``10 * task index + seed``: adapters meant to be merged should not share one mask) and the
+last ``--holdout`` training rows left out of training (``max_train_examples``), so that ``merge
+--calibrate`` has training rows no adapter saw (``--max-train N``: at most the first N rows of
+each task; SST-2's 67k would take most of the time). Each task is scored on its dev split
+alone, then merged two at a time (all 6 pairs) and all 4 at once with every ``--merges`` spec
+(``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate N``, ``refit_heads=S`` ``merge
+--refit-heads S``), scored through the written multi-head model.
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
 headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
 per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
@@ -249,8 +249,9 @@ def main() -> None:
                     help="train on at most the first N rows of each task (SST-2 has 67k)")
     ap.add_argument("--lr", default="auto", type=lambda v: v if v == "auto" else float(v),
                     help="the adapters' learning rate (default auto: SpaRTA's 1e-4/density)")
-    ap.add_argument("--weight-decay", type=float, default=0.0,
-                    help="the adapters' decoupled weight decay (pulls each delta toward 0)")
+    ap.add_argument("--weight-decay", default="auto",
+                    type=lambda v: v if v == "auto" else float(v),
+                    help="the adapters' decoupled weight decay (default auto: SpaRTA's 1.0)")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")

@@ -25,6 +25,7 @@ from sparsemerge.train.config import (
     DEFAULT_LR,
     HEAD_LR_FACTOR,
     SPARTA_AUTO_HEAD_LR,
+    SPARTA_AUTO_WEIGHT_DECAY,
     SPARTA_LR_MAX,
     SPARTA_LR_X_DENSITY,
     TrainConfig,
@@ -35,8 +36,11 @@ _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _LR_HELP = (f"Learning rate of the trainable backbone entries, or auto: SpaRTA "
             f"{SPARTA_LR_X_DENSITY:g} / density, at most {SPARTA_LR_MAX:g} "
             f"({sparta_auto_lr(_D['density']):g} at the default --density), other methods "
-            f"{DEFAULT_LR:g}. Adapters meant to be merged with others: a fixed 2e-3 keeps "
-            f"their deltas small enough to merge (README, Merging unrelated tasks).")
+            f"{DEFAULT_LR:g}.")
+_DECAY_HELP = (f"AdamW decoupled weight decay of the deltas (or factors) and the head weight, "
+               f"or auto: {SPARTA_AUTO_WEIGHT_DECAY:g} for SpaRTA (pulls entries whose "
+               f"gradient is noise back to the base: better on small data, and adapters that "
+               f"merge), 0 for other methods (RIGSA: see its delta_decay).")
 _HEAD_LR_HELP = (f"Learning rate of the head (default: {SPARTA_AUTO_HEAD_LR:g} for SpaRTA with "
                  f"--lr auto, else {HEAD_LR_FACTOR:g} x --lr).")
 _TASKS = "|".join(TASKS)
@@ -261,9 +265,8 @@ def train(
                                     rich_help_panel=_OPT)] = _D["lr"],
     head_lr: Annotated[float | None, typer.Option(help=_HEAD_LR_HELP, rich_help_panel=_OPT)
                        ] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (deltas and head "
-                                                     "weight).", rich_help_panel=_OPT)
-                            ] = _D["weight_decay"],
+    weight_decay: Annotated[str, typer.Option(help=_DECAY_HELP, metavar="<float|auto>",
+                                              rich_help_panel=_OPT)] = _D["weight_decay"],
     warmup_ratio: Annotated[float, typer.Option(help="Share of steps for linear warmup.",
                                                 rich_help_panel=_OPT)] = _D["warmup_ratio"],
     batch_size: Annotated[int, typer.Option(help="Examples per step (per process).",

@@ -235,7 +235,7 @@ def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps:
                 module = getattr(model.heads[task], head.module)
                 module.requires_grad_(True)
                 opt = torch.optim.AdamW(module.parameters(), lr=cfg.head_learning_rate,
-                                        weight_decay=cfg.weight_decay)
+                                        weight_decay=cfg.decay_rate)
                 losses: list[float] = []
                 epoch = 0
                 while len(losses) < steps:

@@ -34,6 +34,7 @@ DEFAULT_LR = 2e-3  # ``--lr auto`` for every method but SpaRTA (their former fix
 SPARTA_LR_X_DENSITY = 1e-4  # SpaRTA's ``--lr auto`` is this / density (see sparta_auto_lr)
 SPARTA_LR_MAX = 3e-2  # ... capped here: tiny densities would otherwise diverge
 SPARTA_AUTO_HEAD_LR = 5e-3  # SpaRTA's head with ``--lr auto``: fixed, since the head is dense
+SPARTA_AUTO_WEIGHT_DECAY = 1.0  # SpaRTA's ``--weight-decay auto`` (see sparta_auto_lr); others 0
 
 
 def sparta_auto_lr(density: float) -> float:
@@ -45,8 +46,21 @@ def sparta_auto_lr(density: float) -> float:
     equally fast at every density. Measured (issue 19, MiniLM-L6, MRPC, 3 epochs, seed 0): at
     0.5% lr 2e-2 reached 79.66 vs 73.04 at the former fixed 2e-3; at 3.14% (LoRA r=8's count)
     lr 3e-3 80.15, 1e-2 73.28 (unstable); at 5% it gives the quickstart's 2e-3.
+
+    Such a rate moves every entry, the ones whose gradient is mostly noise included, by ``lr``
+    per step: left alone they random-walk to 4-7x a typical weight (0.27 at 0.5%, lr 2e-2),
+    which costs accuracy on small data and ruins merges. SpaRTA's default decoupled weight
+    decay (``SPARTA_AUTO_WEIGHT_DECAY``, as RIGSA's ``delta_decay``) pulls them back: with
+    ``lr x decay`` = 2% per step the noise stays near 0.06 while consistent gradients still
+    move their entries (issue 19/20: CoLA +6 Matthews, a SST-2+CoLA merge loses 1.8 points
+    instead of 14.7).
     """
     return min(SPARTA_LR_MAX, SPARTA_LR_X_DENSITY / float(density))
+
+
+def auto_weight_decay(method: str) -> float:
+    """``--weight-decay auto``: ``SPARTA_AUTO_WEIGHT_DECAY`` for SpaRTA, 0 for the others."""
+    return SPARTA_AUTO_WEIGHT_DECAY if method == "sparta" else 0.0
 
 
 def check_method_options(config: SparseConfig | TrainConfig) -> None:
@@ -142,7 +156,7 @@ class TrainConfig:
     # -- optimisation -----------------------------------------------------------------------
     lr: float | str = "auto"  # trainable backbone entries (deltas, factors); see learning_rate
     head_lr: float | None = None  # None = 5 * lr (SpaRTA with lr "auto": SPARTA_AUTO_HEAD_LR)
-    weight_decay: float = 0.0  # on the method's parameters and the head weight (not biases)
+    weight_decay: float | str = "auto"  # deltas/factors and head weight; see decay_rate
     warmup_ratio: float = 0.06
     epochs: int = 3
     max_steps: int | None = None  # overrides epochs when set
@@ -192,6 +206,15 @@ class TrainConfig:
         return HEAD_LR_FACTOR * self.learning_rate
 
     @property
+    def decay_rate(self) -> float:
+        """``weight_decay`` as a number: ``"auto"`` is ``SPARTA_AUTO_WEIGHT_DECAY`` for SpaRTA
+        (on its deltas and the head weight), 0 for the other methods (RIGSA decays its
+        deltas by its own ``delta_decay``)."""
+        if self.weight_decay != "auto":
+            return float(self.weight_decay)
+        return auto_weight_decay(self.method)
+
+    @property
     def effective_batch_size(self) -> int:
         """Examples per optimizer step and process: ``grad_accum`` micro-batches of
         ``batch_size``."""
@@ -226,7 +249,13 @@ class TrainConfig:
                 raise bad(opt, f"must be positive, got {getattr(self, opt)}")
         if self.head_lr is not None and self.head_lr < 0:
             raise bad("head_lr", f"must be >= 0, got {self.head_lr}")
-        if self.weight_decay < 0:
+        if isinstance(self.weight_decay, str) and self.weight_decay != "auto":
+            try:
+                self.weight_decay = float(self.weight_decay)
+            except ValueError:
+                raise bad("weight_decay", f"must be a number >= 0 or 'auto', got "
+                          f"{self.weight_decay!r}") from None
+        if self.weight_decay != "auto" and not self.weight_decay >= 0:
             raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

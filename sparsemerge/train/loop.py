@@ -250,10 +250,10 @@ def build_optimizer(sparse: SparseModel, config: TrainConfig) -> torch.optim.Opt
     """AdamW over ``sparse.param_groups`` at the config's learning rates and weight decay;
     each group's ``initial_lr`` is what the schedule scales (``train_step``)."""
     groups = sparse.param_groups(config.learning_rate, head_lr=config.head_learning_rate,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.decay_rate)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.decay_rate)
 
 
 def _settle(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -765,6 +765,7 @@ def build_adapter(run: Run, metrics: dict[str, Any], state: dict, wall: float) -
     hp["lr"] = cfg.learning_rate  # resolved; lr_rule says whether --lr auto chose it
     hp["lr_rule"] = "auto" if cfg.lr == "auto" else "explicit"
     hp["head_lr"] = cfg.head_learning_rate
+    hp["weight_decay"] = cfg.decay_rate  # resolved, as lr
     extra = {
         "training": {"steps": run.step, "epochs": run.step / run.steps_per_epoch,
                      "wall_time_s": round(wall, 2), "stopped_early": bool(state["stopped"]),

@@ -72,7 +72,7 @@ from sparsemerge.models import (
     head_module_name,
     named_base_tensors,
 )
-from sparsemerge.train.config import HEAD_LR_FACTOR, SparseConfig
+from sparsemerge.train.config import HEAD_LR_FACTOR, SparseConfig, auto_weight_decay
 from sparsemerge.train.heads import export_head, head_parameters, init_head
 from sparsemerge.train.methods import Method, get_method
 from sparsemerge.train.sparse_linear import layout_state, set_layout_state, sync_all
@@ -281,10 +281,14 @@ class SparseModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     def param_groups(self, lr: float, *, head_lr: float | None = None,
-                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
+                     weight_decay: float | None = None) -> list[dict[str, Any]]:
         """Named optimizer param groups: the method's (``lr`` and ``weight_decay`` unless the
         method sets its own, e.g. RIGSA's ``delta_decay``), then the head's at ``head_lr``
-        (default 5 x ``lr``): its weights with ``weight_decay``, its biases without."""
+        (default 5 x ``lr``): its weights with ``weight_decay``, its biases without.
+        ``weight_decay`` None is ``sparsemerge train``'s ``--weight-decay auto`` (1.0 for
+        SpaRTA, 0 otherwise)."""
+        if weight_decay is None:
+            weight_decay = auto_weight_decay(self.require_method().name)
         groups = []
         for g in self.require_method().param_groups():
             g = {"lr": lr, "weight_decay": weight_decay, **g,
