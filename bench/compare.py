@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma-separated seeds; every spec runs once per seed")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (TrainConfig.device)")
     ap.add_argument("--workdir", default="/tmp/sparsemerge-compare")
-    ap.add_argument("--out", default=None, help="JSON results file (appended run by run)")
+    ap.add_argument("--out", default=None, help="JSON results file (appended run by run; with "
+                    "--table: the union of the files, each row with its command)")
     ap.add_argument("--force", action="store_true", help="retrain labels already in --out")
     ap.add_argument("--verbose", action="store_true", help="progress bars and log lines")
     ap.add_argument("--table", metavar="JSON", nargs="+",
@@ -219,8 +220,13 @@ def main(argv: list[str] | None = None) -> None:
             res = json.loads(Path(path).read_text())
             if merged and res["task"] != merged["task"]:
                 raise SystemExit(f"{path}: task {res['task']}, not {merged['task']}")
+            for row in res["runs"].values():  # each row keeps the command that ran it
+                row.setdefault("command", res["setup"]["command"])
             merged = {**res, "runs": {**merged.get("runs", {}), **res["runs"]}}
         report(merged)
+        if args.out:  # the union as one results file, with this command as its own
+            merged["setup"] = {**merged["setup"], "command": command_line()}
+            Path(args.out).write_text(json.dumps(merged, indent=2, default=str) + "\n")
         return
     out = Path(args.out) if args.out else None
     setup = {"task": args.task, "data_dir": args.data_dir, "base": args.base,
@@ -242,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             method, overrides, params = parse_spec(label, args.base)
             print(f"{label}: training ...", file=sys.stderr, flush=True)
             row = run_one(label, method, overrides, params, args)
+            row["command"] = setup["command"]
             results["runs"][label] = row
             print(f"{label}: trainable {row['trainable']:,}, dev {row['metrics']}, "
                   f"{row['wall_time_s']} s, {row['adapter_bytes']:,} bytes", file=sys.stderr,
