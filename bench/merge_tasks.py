@@ -283,9 +283,16 @@ def main() -> None:
         args.table = run_parallel(seeds, args)
     if args.table:
         runs: dict[str, dict] = {}
-        for f in args.table:
+        for f in args.table:  # several files of one seed (more merges run later): union
             part = json.loads(Path(f).read_text())
-            runs.update(part["seeds"])
+            for seed, run in part["seeds"].items():
+                if seed not in runs:
+                    runs[seed] = run
+                    continue
+                if run["single"] != runs[seed]["single"]:
+                    raise SystemExit(f"{f}: seed {seed} scored other adapters than before")
+                for key, by_label in run["merges"].items():
+                    runs[seed]["merges"].setdefault(key, {}).update(by_label)
             setup.setdefault("seed_commands", []).append(part["setup"]["command"])
         result = {"setup": setup, "seeds": runs, **table(runs)}
     else:
