@@ -121,7 +121,8 @@ def merge(
         "--calibrate", metavar="N",
         help="Choose the weights (and density / lambda) on N held-out rows of each input's own "
              "training data, read from where its metadata says it trained (never a dev "
-             "split): the merge whose worst task stays closest to its own adapter.",
+             "split): the merge whose worst task stays closest to its own adapter on the "
+             "task's headline metric (a preset's, e.g. CoLA's Matthews; else accuracy).",
         show_default=False)] = None,
     refit_heads: Annotated[int | None, typer.Option(
         "--refit-heads", metavar="STEPS",

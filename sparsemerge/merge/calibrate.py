@@ -13,13 +13,14 @@ Data: each input records its training data in its metadata (``hyperparameters``:
 ``N`` training rows right after those the adapter trained on (``max_train_examples``); when
 it trained on every row, the last ``N`` rows (recorded as ``seen_in_training``).
 
-Objective: on its slice, a task's score is the merged model's accuracy minus its own
-adapter's accuracy; a candidate's score is its worst task's, ties broken by the worst
-increase in loss. Search: coordinate ascent from the given weights and parameters over small
-grids, taking a move only when it improves the score, so the result is never worse on the
-slices than what it started from (uniform weights, by default). A slice of a few hundred rows
-is noisy (one row of 300 is 0.33 points): the bench measures whether the choice carries over
-to the dev splits.
+Objective: on its slice, a task's score is the merged model's headline metric minus its own
+adapter's (the preset's first metric, e.g. CoLA's Matthews and MRPC's F1, which can fall while
+accuracy does not; accuracy for other data); a candidate's score is its worst task's, ties
+broken by the worst increase in loss. Search: coordinate ascent from the given weights and
+parameters over small grids, taking a move only when it improves the score, so the result is
+never worse on the slices than what it started from (uniform weights, by default). A slice of a
+few hundred rows is noisy (one row of 300 is 0.33 points): the bench measures whether the
+choice carries over to the dev splits.
 
 ``merge --refit-heads STEPS`` (:func:`refit_heads`) retrains each head, backbone frozen, on
 the merged backbone's features of the rows its adapter trained on.
@@ -66,6 +67,15 @@ def training_data(adapter: SparseAdapter, where: str, option: str):
     except SparseMergeError as exc:
         raise SparseMergeError(f"{where}: cannot read its training data for {option} "
                                f"(run merge from the folder it was trained in): {exc}") from None
+
+
+def headline_metric(adapter: SparseAdapter) -> str:
+    """The metric calibration compares for ``adapter``'s task: its preset's first, else
+    accuracy."""
+    from sparsemerge.data.tasks import TASKS
+
+    task = adapter.hyperparameters.get("task")
+    return TASKS[task].metrics[0] if task in TASKS else "accuracy"
 
 
 def holdout(adapter: SparseAdapter, n: int, where: str):
@@ -148,6 +158,7 @@ def calibrate(adapters: Sequence[SparseAdapter], method: str, params: Mapping[st
         data[task], slices[task] = holdout(a, n, input_label(a, i))
     scorer = _SliceScorer(adapters, data, base, gguf_file, device)
     single = {t: scorer.score(a, [t], check=True)[t] for t, a in zip(tasks, adapters, strict=True)}
+    metric = {t: headline_metric(a) for t, a in zip(tasks, adapters, strict=True)}
     op_params = {p.name for p in get_operator(method).params}
     coords: list[tuple[str, int | None, tuple]] = [("weight", i, WEIGHT_GRID)
                                                    for i in range(len(adapters))]
@@ -159,7 +170,7 @@ def calibrate(adapters: Sequence[SparseAdapter], method: str, params: Mapping[st
         if (ws, ps) not in memo:
             merged = merge_adapters(adapters, method, dict(ps), list(ws))
             m = scorer.score(merged, tasks)
-            gaps = {t: 100 * (m[t]["accuracy"] - single[t]["accuracy"]) for t in tasks}
+            gaps = {t: 100 * (m[t][metric[t]] - single[t][metric[t]]) for t in tasks}
             worst_loss = max(m[t]["loss"] - single[t]["loss"] for t in tasks)
             memo[ws, ps] = (min(gaps.values()), -worst_loss), gaps
             if progress:
@@ -184,9 +195,10 @@ def calibrate(adapters: Sequence[SparseAdapter], method: str, params: Mapping[st
             break
     record = {
         "examples_per_task": n, "slices": slices,
-        "objective": "max of the worst task's (merged - own adapter) accuracy on its slice, "
-                     "ties broken by the worst loss increase",
-        "single_accuracy": {t: round(100 * s["accuracy"], 2) for t, s in single.items()},
+        "objective": "max of the worst task's (merged - own adapter) headline metric on its "
+                     "slice, ties broken by the worst loss increase",
+        "metric": metric,
+        "single": {t: round(100 * s[metric[t]], 2) for t, s in single.items()},
         "start": {"weights": list(start[0]), "parameters": dict(start[1]),
                   "change": {t: round(v, 2) for t, v in memo[start][1].items()}},
         "chosen": {"weights": list(best[0]), "parameters": dict(best[1]),
