@@ -65,8 +65,10 @@ DEFAULT_RUNS = {"sst2": "zero-shot,sparta,lora", "mnist": "zero-shot,rigsa,spart
 #: PRESETS). RIGSA: lr and reset=zero as its MiniLM README run; pruning done by step 500 of
 #: 1500, keeping 0.5 per round so its final count lands near LoRA r=8's (~2.3% of the
 #: linear weights).
+#: SST-2's SpaRTA trains at ``sparsemerge train``'s defaults (``--lr auto``, decay 1.0).
 RUN_PRESETS = {"mnist": {"rigsa": "rigsa:lr=1e-2:round_steps=100:rounds=5:prune_keep=0.5:"
-                                  "reset=zero"}}
+                                  "reset=zero"},
+               "sst2": {"sparta": "sparta:lr=auto"}}
 #: Defaults sized for one H200 running every run at once in about 5 minutes; forget_*:
 #: None = the whole SST-2 dev split and the whole shipped plain text.
 DEFAULTS = {"sst2": {"batch_size": 16, "max_train_examples": 8000, "max_steps": None,
@@ -189,11 +191,11 @@ def run_one(spec: str, args: argparse.Namespace, progress: dict) -> dict:
     from sparsemerge.data.tasks import plain_text_sample
     from sparsemerge.forgetting import lm_forgetting
 
-    spec = RUN_PRESETS.get(args.part, {}).get(spec, spec)
+    label, spec = spec, RUN_PRESETS.get(args.part, {}).get(spec, spec)
     name, overrides, params = parse_run(spec)
     out = Path(args.workdir) / f"{args.part}-{spec.replace(':', '_').replace('=', '')}-s{args.seed}"
-    rec: dict = {"part": args.part, "label": spec, "method": name, "seed": args.seed,
-                 "config": {**overrides, **params}}
+    rec: dict = {"part": args.part, "label": label, "spec": spec, "method": name,
+                 "seed": args.seed, "config": {**overrides, **params}}
     progress.update(t0=time.perf_counter(), step=0, total=None, loss=None, cut_from=None)
     t0 = time.perf_counter()
     try:

@@ -8,8 +8,9 @@ last ``--holdout`` training rows left out of training (``max_train_examples``), 
 --calibrate`` has training rows no adapter saw (``--max-train N``: at most the first N rows of
 each task; SST-2's 67k would take most of the time). Each task is scored on its dev split
 alone, then merged two at a time (all 6 pairs) and all 4 at once with every ``--merges`` spec
-(``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate N``, ``refit_heads=S`` ``merge
---refit-heads S``), scored through the written multi-head model.
+(``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate N``, ``learn_weights=S``
+``merge --learn-weights S``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the
+written multi-head model.
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
 headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
 per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
@@ -127,11 +128,12 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
             params = dict(params)
             calibrate = int(params.pop("calibrate", 0))
             refit = int(params.pop("refit_heads", 0))
+            learn = int(params.pop("learn_weights", 0))
             tag = label.replace(":", "-").replace(";", "-").replace("=", "")
             out = work / "merged" / f"s{seed}-{key}-{tag}"
             recipe = build_recipe([str(paths[t]) for t in combo], method=method, params=params,
-                                  heads=True, calibrate=calibrate, refit_heads=refit,
-                                  output=str(out))
+                                  heads=True, calibrate=calibrate, learn_weights=learn,
+                                  refit_heads=refit, output=str(out))
             rep = run_recipe(recipe)
             model = MultiHeadModel.from_pretrained(out, device=args.device)
             metrics = model.evaluate({t: dev[t] for t in combo})
@@ -141,7 +143,8 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
             entry = {"scores": scores, "change": change, "worst": min(change.values()),
                      "weights": rep["weights"], "parameters": rep["parameters"],
                      "seconds": rep["seconds"]}
-            entry.update({k: rep[k] for k in ("calibration", "refit_heads") if k in rep})
+            entry.update({k: rep[k] for k in ("calibration", "learned_weights", "refit_heads")
+                          if k in rep})
             merges[key][label] = entry
             log(f"seed {seed} {key} {label}: " + ", ".join(
                 f"{t} {scores[t]:.2f} ({change[t]:+.2f})" for t in combo)

@@ -77,7 +77,8 @@ def parse_run(spec: str) -> tuple[str, dict, dict]:
         if not sep:
             raise SystemExit(f"--runs: {pair!r} in {spec!r} is not key=value")
         if key in CONFIG_FIELDS:
-            config[key] = json.loads(value) if value not in ("", "None") else None
+            config[key] = (None if value in ("", "None") else value if value == "auto"
+                           else json.loads(value))
         else:
             params[key] = value
     return name, config, params

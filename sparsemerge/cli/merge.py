@@ -124,6 +124,12 @@ def merge(
              "split): the merge whose worst task stays closest to its own adapter on the "
              "task's headline metric (a preset's, e.g. CoLA's Matthews; else accuracy).",
         show_default=False)] = None,
+    learn_weights: Annotated[int | None, typer.Option(
+        "--learn-weights", metavar="STEPS",
+        help="Learn one weight per input and transformer block in STEPS gradient steps "
+             "(AdaMerging-style, on the training rows each input trained on, never a dev "
+             "split), so each task's own head scores best on the merged backbone; methods sum "
+             "and weighted.", show_default=False)] = None,
     refit_heads: Annotated[int | None, typer.Option(
         "--refit-heads", metavar="STEPS",
         help="Then retrain each task's head STEPS steps on the merged backbone (kept frozen), "
@@ -144,7 +150,7 @@ def merge(
                               output=output, max_shard_size=max_shard_size,
                               input_density=input_density, sparsify=sparsify,
                               base_dtype=base_dtype, calibrate=calibrate,
-                              refit_heads=refit_heads)
+                              learn_weights=learn_weights, refit_heads=refit_heads)
         with _progress(enabled=not json_out) as progress:
             report = run_recipe(recipe, force=force, progress=progress)
     if json_out:
@@ -182,6 +188,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     names = {"load": "loading inputs", "calibrate": "calibrating weights",
+             "learn": "learning block weights",
              "merge": "merging tensors", "refit": "refitting heads",
              "write": "writing backbone"}
     bars: dict[str, Any] = {}

@@ -35,7 +35,8 @@ on the merged representation corrects the representation bias that Representatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sparsemerge.adapter import Head, SparseAdapter
@@ -208,6 +209,33 @@ def calibrate(adapters: Sequence[SparseAdapter], method: str, params: Mapping[st
     return {"weights": list(best[0]), "parameters": dict(best[1]), "record": record}
 
 
+def training_batches(model, adapter: SparseAdapter, index: int, task: str, option: str, *,
+                     batch_size: int, seed: int) -> tuple[Iterator[dict], dict[str, Any], Any]:
+    """(endless shuffled batches, on ``model``'s device, of the training rows ``adapter``
+    trained on for its head ``task``; a record of which rows; the adapter's TrainConfig), for
+    the merge-time steps that fit something to the merged backbone (``option`` names them)."""
+    from sparsemerge.data.batching import batches
+    from sparsemerge.multihead import task_data
+    from sparsemerge.scoring import encode_for, on_model_device
+
+    head = adapter.heads[task]
+    if head.problem_type != "single_label_classification":
+        raise SparseMergeError(f"head {task}: {option} fits single-label classification heads, "
+                               f"not {head.problem_type}")
+    full, cfg = training_data(adapter, input_label(adapter, index), option)
+    used = min(cfg.max_train_examples or len(full), len(full))
+    data = task_data(task, full.select(range(used)), head.labels)
+    encoded = encode_for(model.backbone, model.tokenizer, data, cfg.max_length,
+                         model.template(task))
+
+    def endless() -> Iterator[dict]:
+        for epoch in itertools.count():
+            for batch in batches(encoded, batch_size, True, seed, epoch):
+                yield on_model_device(model, batch)
+
+    return endless(), {"source": full.source, "rows": [0, used]}, cfg
+
+
 def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps: int, *,
                 base: str | None = None, gguf_file: str | None = None, device: str = "auto",
                 batch_size: int = 32, seed: int = 0,
@@ -222,9 +250,6 @@ def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps:
     import torch.nn.functional as F
 
     from sparsemerge.apply import apply_to_tensors
-    from sparsemerge.data.batching import batches
-    from sparsemerge.multihead import task_data
-    from sparsemerge.scoring import encode_for, on_model_device
 
     if steps < 1:
         raise SparseMergeError(f"--refit-heads {steps}: give a number of steps (>= 1)")
@@ -236,39 +261,26 @@ def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps:
         for i, a in enumerate(adapters):
             for task in a.heads:
                 head = merged.heads[task]
-                if head.problem_type != "single_label_classification":
-                    raise SparseMergeError(f"head {task}: --refit-heads refits single-label "
-                                           f"classification heads, not {head.problem_type}")
-                full, cfg = training_data(a, input_label(a, i), "--refit-heads")
-                used = min(cfg.max_train_examples or len(full), len(full))
-                data = task_data(task, full.select(range(used)), head.labels)
-                encoded = encode_for(model.backbone, model.tokenizer, data, cfg.max_length,
-                                     model.template(task))
+                rows, rows_record, cfg = training_batches(
+                    model, a, i, task, "--refit-heads", batch_size=batch_size, seed=seed)
                 module = getattr(model.heads[task], head.module)
                 module.requires_grad_(True)
                 opt = torch.optim.AdamW(module.parameters(), lr=cfg.head_learning_rate,
                                         weight_decay=cfg.decay_rate)
                 losses: list[float] = []
-                epoch = 0
-                while len(losses) < steps:
-                    for batch in batches(encoded, batch_size, True, seed, epoch):
-                        batch = on_model_device(model, batch)
-                        logits = model(**batch, tasks=[task])[task].float()
-                        loss = F.cross_entropy(logits, batch["labels"])
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
-                        losses.append(float(loss.detach()))
-                        if len(losses) == steps:
-                            break
-                    epoch += 1
+                for batch in itertools.islice(rows, steps):
+                    logits = model(**batch, tasks=[task])[task].float()
+                    loss = F.cross_entropy(logits, batch["labels"])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
                 module.requires_grad_(False)
                 params = {n: p.detach().cpu().to(head.params[n].dtype)
                           for n, p in module.named_parameters()}
                 merged.heads[task] = dataclasses.replace(head, params=params)
                 tail = losses[-10:]
-                record[task] = {"steps": steps, "source": full.source, "rows": [0, used],
-                                "lr": cfg.head_learning_rate,
+                record[task] = {"steps": steps, **rows_record, "lr": cfg.head_learning_rate,
                                 "first_loss": round(losses[0], 4),
                                 "last_loss": round(sum(tail) / len(tail), 4)}
                 if progress:
@@ -278,4 +290,5 @@ def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps:
     return record
 
 
-__all__ = ["base_multihead", "calibrate", "holdout", "refit_heads", "training_data"]
+__all__ = ["base_multihead", "calibrate", "holdout", "refit_heads", "training_batches",
+           "training_data"]

@@ -21,6 +21,8 @@ A recipe file (``sparsemerge merge --config recipe.yaml``), mergekit-style::
     seed: 0                      # full fine-tunes only: DARE seed
     calibrate: 200               # choose weights (and density / lam) on 200 held-out training
                                  #   rows per task (sparsemerge.merge.calibrate); 0 = off
+    learn_weights: 200           # learn a weight per input and block in 200 steps on the
+                                 #   training rows (sparsemerge.merge.learn_weights); 0 = off
     refit_heads: 200             # then retrain each head 200 steps on the merged backbone
 
 Relative ``inputs`` / ``output`` / ``base`` paths are resolved against the recipe file's
@@ -60,6 +62,7 @@ _KEYS = {
     "sparsify": "sparsify",
     "seed": "seed",
     "calibrate": "calibrate",
+    "learn_weights": "learn_weights",
     "refit_heads": "refit_heads",
 }
 _PARAM_ALIASES = {"lambda": "lam"}
@@ -71,6 +74,8 @@ _SPARSIFY = Param("sparsify", str, "magnitude", "how a full fine-tune's delta is
 _SEED = Param("seed", int, 0, "seed of DARE sparsification of full fine-tunes", low=0)
 _CALIBRATE = Param("calibrate", int, 0, "held-out training rows per task on which the merge "
                    "weights are chosen (0 = off)", low=0)
+_LEARN = Param("learn_weights", int, 0, "steps of learning one weight per input and block on "
+               "the inputs' training rows (0 = off)", low=0)
 _REFIT = Param("refit_heads", int, 0, "steps each head is retrained on the merged backbone "
                "(0 = off)", low=0)
 
@@ -129,6 +134,7 @@ class MergeRecipe:
     sparsify: str = "magnitude"
     seed: int = 0
     calibrate: int = 0  # held-out training rows per task to choose the weights on (0 = off)
+    learn_weights: int = 0  # steps learning a weight per input and block (0 = off)
     refit_heads: int = 0  # steps each head is retrained on the merged backbone (0 = off)
 
     @property
@@ -148,6 +154,7 @@ class MergeRecipe:
         self.sparsify = _SPARSIFY.check(self.sparsify, "recipe: ")
         self.seed = _SEED.check(self.seed, "recipe: ")
         self.calibrate = _CALIBRATE.check(self.calibrate, "recipe: ")
+        self.learn_weights = _LEARN.check(self.learn_weights, "recipe: ")
         self.refit_heads = _REFIT.check(self.refit_heads, "recipe: ")
         if not isinstance(self.heads, bool):
             raise SparseMergeError(f"recipe: 'heads' must be true or false, got {self.heads!r}")
@@ -245,7 +252,7 @@ def recipe_from_dict(data: Any, *, where: str = "recipe", root: Path | None = No
     if "heads" in opts:
         r.heads = opts["heads"]
     for key in ("max_shard_size", "input_density", "sparsify", "seed", "base_dtype",
-                "calibrate", "refit_heads"):
+                "calibrate", "learn_weights", "refit_heads"):
         if key in opts:
             setattr(r, key, opts[key])
     return r
@@ -295,8 +302,8 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
                  output: str | None = None, max_shard_size: int | str | None = None,
                  input_density: float | None = None, sparsify: str | None = None,
                  seed: int | None = None, base_dtype: str | None = None,
-                 calibrate: int | None = None, refit_heads: int | None = None
-                 ) -> MergeRecipe:
+                 calibrate: int | None = None, learn_weights: int | None = None,
+                 refit_heads: int | None = None) -> MergeRecipe:
     """A validated recipe from command-line values (``None`` = not given), on top of
     ``config`` when given. Flags override the file; command-line inputs replace its inputs."""
     r = load_recipe(config) if config is not None else MergeRecipe()
@@ -325,7 +332,8 @@ def build_recipe(inputs: Sequence[str] | None = None, *, config: str | Path | No
     for key, value in (("heads", heads), ("base", base), ("output", output),
                        ("max_shard_size", max_shard_size), ("input_density", input_density),
                        ("sparsify", sparsify), ("seed", seed), ("base_dtype", base_dtype),
-                       ("calibrate", calibrate), ("refit_heads", refit_heads)):
+                       ("calibrate", calibrate), ("learn_weights", learn_weights),
+                       ("refit_heads", refit_heads)):
         if value is not None:
             setattr(r, key, value)
     return r.validate()
@@ -401,6 +409,15 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         for inp, w in zip(recipe.inputs, found["weights"], strict=True):
             inp.weight = w
         calibration = found["record"]
+    learned = None
+    if recipe.learn_weights:
+        from sparsemerge.merge.learn_weights import learn_weights
+
+        found = learn_weights(adapters, recipe.method, recipe.parameters, recipe.weights,
+                              recipe.learn_weights,
+                              base=recipe.base if recipe.base is not None else base,
+                              gguf_file=gguf, progress=progress)
+        adapters, learned = found["adapters"], found["record"]
     t1 = time.perf_counter()
     merged = merge_adapters(adapters, recipe.method, recipe.parameters, recipe.weights,
                             progress=progress)
@@ -419,8 +436,8 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         "inputs": record["inputs"], "tasks": list(merged.heads), "targets": len(merged.targets),
         "nnz": sum(t.sparse.nnz for t in merged.targets.values() if t.sparse is not None),
     }
-    extras = {k: v for k, v in (("calibration", calibration), ("refit_heads", refit))
-              if v is not None}
+    extras = {k: v for k, v in (("calibration", calibration), ("learned_weights", learned),
+                                ("refit_heads", refit)) if v is not None}
     report.update(extras)
     record.update(extras)  # a merged adapter's extra["merge"], as sparsemerge_recipe.json
     if recipe.heads and not merged.heads and all(
