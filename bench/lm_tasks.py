@@ -26,6 +26,7 @@ its error and the last step reached, so other runs' results survive.
     python bench/lm_tasks.py --part sst2 --runs sparta --seed 1 --device cuda \\
         --data-dir ../shared/data --out /tmp/lm/sst2-sparta-1.json
     python bench/lm_tasks.py --table /tmp/lm/*.json      # README tables, means over seeds
+                                                         # (--out U: their union in U)
     python bench/lm_tasks.py --part mnist --runs rigsa --quick --data-dir ../shared/data \\
         --out /tmp/lm/q.json                             # a few steps on CPU
 """
@@ -320,11 +321,13 @@ def mnist_table(runs: list[dict]) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def tables(paths: list[str]) -> None:
+def tables(paths: list[str], out_path: str | None = None) -> None:
+    """Print the README tables of the runs in ``paths``; with ``out_path`` also write their
+    union there, each run with the command line that produced it."""
     runs, setups = [], {}
     for p in paths:
         res = json.loads(Path(p).read_text())
-        runs += res["runs"]
+        runs += [{"command": res["setup"]["command"], **r} for r in res["runs"]]
         setups.setdefault(res["setup"]["part"], res["setup"])
     out: dict = {"errors": [f"{r['part']} {r['label']} s{r['seed']}: {r['error']}"
                             for r in runs if "error" in r]}
@@ -339,6 +342,11 @@ def tables(paths: list[str]) -> None:
         print("\n".join(lines))
         print(f"\ncommand (one run): {s['command']}")
     print(json.dumps(out))
+    if out_path is not None:
+        union = {"command": " ".join([sys.executable, *sys.argv]), "setups": setups,
+                 "summary": out, "runs": runs}
+        atomic_write_bytes(Path(out_path), (json.dumps(union, indent=1, default=str) + "\n")
+                           .encode())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,11 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="a few steps and examples: the code "
                     "path only, in minutes on a CPU")
     ap.add_argument("--workdir", default="/tmp/sparsemerge-lm-tasks")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results JSON (with --table: the union of "
+                    "the files, each run with its command)")
     ap.add_argument("--table", nargs="+", metavar="JSON")
     args = ap.parse_args(argv)
     if args.table:
-        tables(args.table)
+        tables(args.table, args.out)
         return
     if args.part is None:
         ap.error("--part is required (or --table)")

@@ -55,6 +55,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def phase_progress(prefix: str, every: int = 50):
+    """A ``run_recipe`` progress callback that logs the learning / refitting phases' steps."""
+    def report(phase: str, done: int, total: int) -> None:
+        if phase in ("learn", "calibrate") and (done % every == 0 or done == total):
+            log(f"{prefix}: {phase} {done}/{total}")
+    return report
+
+
 def adapter_dir(work: Path, task: str, seed: int) -> Path:
     return work / f"{task}-s{seed}"
 
@@ -134,7 +142,7 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
             recipe = build_recipe([str(paths[t]) for t in combo], method=method, params=params,
                                   heads=True, calibrate=calibrate, learn_weights=learn,
                                   refit_heads=refit, output=str(out))
-            rep = run_recipe(recipe)
+            rep = run_recipe(recipe, progress=phase_progress(f"seed {seed} {key} {label}"))
             model = MultiHeadModel.from_pretrained(out, device=args.device)
             metrics = model.evaluate({t: dev[t] for t in combo})
             shutil.rmtree(out)

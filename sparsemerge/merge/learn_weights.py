@@ -6,9 +6,12 @@ one weight per input, searched on a noisy headline metric, cannot say "keep task
 the early blocks, damp them in the late ones"). AdaMerging (Yang et al., ICLR 2024,
 arXiv:2310.02575) learns such task-and-layer coefficients by gradient descent, minimising the
 entropy of the merged model's predictions on unlabelled test inputs. Here each input's
-training rows and labels are recorded in its metadata, so the objective is supervised and
-never touches a dev split: the sum over tasks of each task's cross-entropy through its own
-head (frozen) on the merged backbone.
+training rows are recorded in its metadata and its own adapter is at hand, so the objective
+distils: the sum over tasks of KL(own adapter || merged model) of the task's head (frozen) on
+the rows its adapter trained on; a dev split is never read. Distillation rather than the
+labels' cross-entropy because the aim is to keep what each adapter does: on its training rows
+an adapter is fitted better than anywhere else, and cross-entropy there rewards amplifying a
+task's deltas beyond what carries over (measured: SST-2 + MRPC, SST-2 -4.01 with labels).
 
 What is learned: for input ``i`` and block ``b`` (:func:`~sparsemerge.merge.stats.layer_of`:
 ``encoder.layer.3``, ``model.layers.12``; embeddings, poolers, ... share ``other``) a factor
@@ -45,6 +48,8 @@ def learn_weights(adapters: Sequence[SparseAdapter], method: str, params: Mappin
     (see the module doc); merge the returned adapters with the same method and weights."""
     import torch
     import torch.nn.functional as F
+
+    from sparsemerge.apply import add_deltas
 
     if steps < 1:
         raise SparseMergeError(f"--learn-weights {steps}: give a number of steps (>= 1)")
@@ -89,10 +94,17 @@ def learn_weights(adapters: Sequence[SparseAdapter], method: str, params: Mappin
             merged[key] = flat.view(w0.shape).to(w0.dtype)
         step_losses = {}
         total = 0.0
-        for _, task in tasks:
+        for i, task in tasks:
             batch = next(streams[task][0])
+            with torch.no_grad():  # the teacher: the task's own adapter alone
+                handle = add_deltas(tensors, adapters[i])
+                try:
+                    own = model(**batch, tasks=[task])[task].float()
+                finally:
+                    handle.undo()
             logits = torch.func.functional_call(model, merged, (), {**batch, "tasks": [task]})
-            loss = F.cross_entropy(logits[task].float(), batch["labels"])
+            loss = F.kl_div(F.log_softmax(logits[task].float(), -1), F.log_softmax(own, -1),
+                            log_target=True, reduction="batchmean")
             total = total + loss
             step_losses[task] = float(loss.detach())
         opt.zero_grad()
@@ -109,8 +121,8 @@ def learn_weights(adapters: Sequence[SparseAdapter], method: str, params: Mappin
     head_tail = losses[-10:]
     record = {
         "steps": steps, "lr": LEARNING_RATE, "batch_size": batch_size,
-        "objective": "sum over tasks of the cross-entropy of each task's own head on the "
-                     "merged backbone, on the training rows its adapter trained on",
+        "objective": "sum over tasks of KL(own adapter || merged model) of the task's head, "
+                     "on the training rows its adapter trained on",
         "rows": {t: streams[t][1] for _, t in tasks},
         "factors": {input_label(a, i): {b: round(float(learned[i, j]), 4)
                                         for j, b in enumerate(blocks)}
