@@ -12,7 +12,7 @@ from sparsemerge.merge.recipe import build_recipe, recipe_from_dict, run_recipe
 from sparsemerge.merge.stats import layer_of
 from sparsemerge.multihead import MultiHeadModel
 from tests.test_half import one_thread  # noqa: F401  (autouse: one torch thread here)
-from tests.test_merge_calibrate import TRAINED, trained  # noqa: F401  (fixture)
+from tests.test_merge_calibrate import TRAINED, N, trained  # noqa: F401  (fixture)
 
 TASKS = ("keep", "flip")
 
@@ -27,7 +27,10 @@ def test_learned_weights_approach_each_own_adapter_and_are_what_was_merged(train
     rep = run_recipe(build_recipe(paths, heads=False, learn_weights=40,
                                   output=str(tmp_path / "learned")))
     record = rep["learned_weights"]
-    assert record["steps"] == 40 and all(record["rows"][t]["rows"] == [0, TRAINED] for t in TASKS)
+    assert record["steps"] == 40
+    # held-out rows: none are left after the 300 it wants, so the last 300 (every row here)
+    assert all(record["rows"][t] | {"source": None} == {"source": None, "rows": [0, TRAINED + 32],
+                                                        "seen_in_training": True} for t in TASKS)
     factors = list(record["factors"].values())
     assert any(abs(c - 1.0) > 1e-3 for f in factors for c in f.values())  # it moved
     assert all(c >= 0.0 for f in factors for c in f.values())
@@ -48,6 +51,14 @@ def test_learned_weights_approach_each_own_adapter_and_are_what_was_merged(train
     learned = MultiHeadModel.from_pretrained(tmp_path / "learned-model").evaluate(rows)
     plain = MultiHeadModel.from_pretrained(tmp_path / "plain-model").evaluate(rows)
     assert sum(learned[t]["loss"] for t in TASKS) < sum(plain[t]["loss"] for t in TASKS)
+
+
+def test_with_calibrate_it_learns_on_the_calibration_rows(trained, tmp_path):  # noqa: F811
+    rep = run_recipe(build_recipe([str(trained[t]) for t in TASKS], heads=True, calibrate=N,
+                                  learn_weights=3, output=str(tmp_path / "m")))
+    for t in TASKS:
+        assert rep["learned_weights"]["rows"][t]["rows"] == [TRAINED, TRAINED + N]
+        assert rep["calibration"]["slices"][t]["rows"] == [TRAINED, TRAINED + N]
 
 
 def test_only_linear_methods_take_learned_weights(trained, tmp_path):  # noqa: F811

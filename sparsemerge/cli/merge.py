@@ -127,9 +127,9 @@ def merge(
     learn_weights: Annotated[int | None, typer.Option(
         "--learn-weights", metavar="STEPS",
         help="Learn one weight per input and transformer block in STEPS gradient steps "
-             "(AdaMerging-style, on the training rows each input trained on, never a dev "
-             "split), so each task's own head scores best on the merged backbone; methods sum "
-             "and weighted.", show_default=False)] = None,
+             "(AdaMerging-style): each task's merged predictions distilled toward its own "
+             "adapter's on held-out training rows (--calibrate N of them, else 300; never a "
+             "dev split). Methods sum and weighted.", show_default=False)] = None,
     refit_heads: Annotated[int | None, typer.Option(
         "--refit-heads", metavar="STEPS",
         help="Then retrain each task's head STEPS steps on the merged backbone (kept frozen), "

@@ -79,15 +79,25 @@ def headline_metric(adapter: SparseAdapter) -> str:
     return TASKS[task].metrics[0] if task in TASKS else "accuracy"
 
 
-def holdout(adapter: SparseAdapter, n: int, where: str):
+def holdout(adapter: SparseAdapter, n: int, where: str, option: str = "--calibrate"):
     """(``n`` held-out training rows of ``adapter``'s task, a record of which rows)."""
-    full, cfg = training_data(adapter, where, "--calibrate")
+    rows, record, _ = _rows(adapter, n, where, option)
+    return rows, record
+
+
+def _rows(adapter: SparseAdapter, n: int | None, where: str, option: str):
+    """(rows, a record of which, the adapter's TrainConfig): ``n`` None = the rows the
+    adapter trained on; else ``n`` rows right after them (the last ``n`` when it trained on
+    every row, recorded as ``seen_in_training``)."""
+    full, cfg = training_data(adapter, where, option)
     used = min(cfg.max_train_examples or len(full), len(full))
+    if n is None:
+        return full.select(range(used)), {"source": full.source, "rows": [0, used]}, cfg
     seen = len(full) - used < n
     start = max(0, len(full) - n) if seen else used
     stop = min(start + n, len(full))
     return full.select(range(start, stop)), {"source": full.source, "rows": [start, stop],
-                                              "seen_in_training": seen}
+                                              "seen_in_training": seen}, cfg
 
 
 def base_multihead(heads: Mapping[str, Head], base: str | None, gguf_file: str | None,
@@ -210,10 +220,12 @@ def calibrate(adapters: Sequence[SparseAdapter], method: str, params: Mapping[st
 
 
 def training_batches(model, adapter: SparseAdapter, index: int, task: str, option: str, *,
-                     batch_size: int, seed: int) -> tuple[Iterator[dict], dict[str, Any], Any]:
+                     batch_size: int, seed: int, held_out: int | None = None
+                     ) -> tuple[Iterator[dict], dict[str, Any], Any]:
     """(endless shuffled batches, on ``model``'s device, of the training rows ``adapter``
-    trained on for its head ``task``; a record of which rows; the adapter's TrainConfig), for
-    the merge-time steps that fit something to the merged backbone (``option`` names them)."""
+    trained on for its head ``task`` -- or, with ``held_out`` N, of N rows it did not train
+    on (as :func:`holdout`); a record of which rows; the adapter's TrainConfig), for the
+    merge-time steps that fit something to the merged backbone (``option`` names them)."""
     from sparsemerge.data.batching import batches
     from sparsemerge.multihead import task_data
     from sparsemerge.scoring import encode_for, on_model_device
@@ -222,9 +234,8 @@ def training_batches(model, adapter: SparseAdapter, index: int, task: str, optio
     if head.problem_type != "single_label_classification":
         raise SparseMergeError(f"head {task}: {option} fits single-label classification heads, "
                                f"not {head.problem_type}")
-    full, cfg = training_data(adapter, input_label(adapter, index), option)
-    used = min(cfg.max_train_examples or len(full), len(full))
-    data = task_data(task, full.select(range(used)), head.labels)
+    rows, record, cfg = _rows(adapter, held_out, input_label(adapter, index), option)
+    data = task_data(task, rows, head.labels)
     encoded = encode_for(model.backbone, model.tokenizer, data, cfg.max_length,
                          model.template(task))
 
@@ -233,7 +244,7 @@ def training_batches(model, adapter: SparseAdapter, index: int, task: str, optio
             for batch in batches(encoded, batch_size, True, seed, epoch):
                 yield on_model_device(model, batch)
 
-    return endless(), {"source": full.source, "rows": [0, used]}, cfg
+    return endless(), record, cfg
 
 
 def refit_heads(merged: SparseAdapter, adapters: Sequence[SparseAdapter], steps: int, *,

@@ -414,7 +414,7 @@ def run_recipe(recipe: MergeRecipe, *, force: bool = False,
         from sparsemerge.merge.learn_weights import learn_weights
 
         found = learn_weights(adapters, recipe.method, recipe.parameters, recipe.weights,
-                              recipe.learn_weights,
+                              recipe.learn_weights, rows=recipe.calibrate or None,
                               base=recipe.base if recipe.base is not None else base,
                               gguf_file=gguf, progress=progress)
         adapters, learned = found["adapters"], found["record"]
