@@ -306,7 +306,8 @@ def main() -> None:
                     raise SystemExit(f"{f}: seed {seed} scored other adapters than before")
                 for key, by_label in run["merges"].items():
                     runs[seed]["merges"].setdefault(key, {}).update(by_label)
-            setup.setdefault("seed_commands", []).append(part["setup"]["command"])
+            setup.setdefault("seed_commands", []).extend(  # a union file: its own list
+                part["setup"].get("seed_commands") or [part["setup"]["command"]])
         result = {"setup": setup, "seeds": runs, **table(runs)}
     else:
         runs = {str(s): merge_seed(s, args) for s in seeds}
