@@ -10,7 +10,7 @@ each task; SST-2's 67k would take most of the time). Each task is scored on its 
 alone, then merged two at a time (all 6 pairs) and all 4 at once with every ``--merges`` spec
 (``METHOD[:k=v;...]``; ``calibrate=N`` runs ``merge --calibrate N``, ``learn_weights=S``
 ``merge --learn-weights S``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the
-written multi-head model.
+written multi-head model (``--no-pairs``: only the merge of all ``--tasks``).
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
 headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
 per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
@@ -123,8 +123,8 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
         model, tok, _, _ = load_adapted(str(p), device=args.device)
         single[t] = headline(t, evaluate_data(model, tok, dev[t]))
         log(f"seed {seed} {t} alone: {single[t]:.2f}")
-    combos = [list(c) for c in itertools.combinations(args.tasks, 2)]
-    if len(args.tasks) > 2:
+    combos = [list(c) for c in itertools.combinations(args.tasks, 2)] if args.pairs else []
+    if len(args.tasks) > 2 or not combos:
         combos.append(list(args.tasks))
     if args.quick:  # the code path of both merge sizes, not every pair
         combos = combos[:1] + combos[len(args.tasks) * (len(args.tasks) - 1) // 2:]
@@ -257,6 +257,8 @@ def main() -> None:
                     help="last training rows of each task left out of training (calibration)")
     ap.add_argument("--merges", default=None, help="comma-separated METHOD[:k=v;...] specs "
                     f"(default {MERGES}; --quick: {QUICK_MERGES})")
+    ap.add_argument("--no-pairs", dest="pairs", action="store_false",
+                    help="merge all --tasks at once only, not two at a time")
     ap.add_argument("--max-dev", type=int, default=None, help="score only the first N dev rows")
     ap.add_argument("--max-train", type=int, default=None,
                     help="train on at most the first N rows of each task (SST-2 has 67k)")
