@@ -79,9 +79,9 @@ def headline_metric(adapter: SparseAdapter) -> str:
     return TASKS[task].metrics[0] if task in TASKS else "accuracy"
 
 
-def holdout(adapter: SparseAdapter, n: int, where: str, option: str = "--calibrate"):
+def holdout(adapter: SparseAdapter, n: int, where: str):
     """(``n`` held-out training rows of ``adapter``'s task, a record of which rows)."""
-    rows, record, _ = _rows(adapter, n, where, option)
+    rows, record, _ = _rows(adapter, n, where, "--calibrate")
     return rows, record
 
 

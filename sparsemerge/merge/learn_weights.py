@@ -20,9 +20,9 @@ What is learned: for input ``i`` and block ``b`` (:func:`~sparsemerge.merge.stat
 ``c[i, b] >= 0``, starting at 1, on top of the input's weight ``w_i``: the merged delta of a
 tensor in block ``b`` is ``lam * sum_i w_i * c[i, b] * delta_i``. That is linear in the
 deltas, so only the linear operators (``sum``, ``weighted``) take it; the output is that
-operator's merge of the inputs scaled by ``c``. Cost per step: one forward and backward of
-the backbone per task (batch 32) plus rebuilding the target weights by ``index_add`` from
-the sparse deltas; the base is never modified in place.
+operator's merge of the inputs scaled by ``c``. Cost per step, per task (batch 32): one
+forward with the task's own deltas added in place and undone (the teacher), one forward and
+backward on weights rebuilt by ``index_add`` from the sparse deltas (the merged model).
 """
 
 from __future__ import annotations
