@@ -172,20 +172,27 @@ def mean_abs_delta(path: Path) -> float:
 
 
 def table(runs: dict[str, dict]) -> dict:
-    """Mean over the seeds of every score; changes and worst changes of the means."""
-    first = next(iter(runs.values()))
-    n = len(runs)
-    single = {t: round(sum(r["single"][t] for r in runs.values()) / n, 2)
-              for t in first["single"]}
+    """Per merge and method, the mean over the seeds that ran it of every score, its change
+    against the same seeds' own adapters, and the worst change (a merge run on seed 1 only is
+    compared with seed 1's adapters)."""
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    tasks = list(dict.fromkeys(t for r in runs.values() for t in r["single"]))
+    single = {t: round(mean(r["single"][t] for r in runs.values()), 2) for t in tasks}
     merges: dict[str, dict] = {}
-    for key, by_label in first["merges"].items():
+    for key in dict.fromkeys(k for r in runs.values() for k in r["merges"]):
         merges[key] = {}
-        for label, entry in by_label.items():
-            scores = {t: round(sum(r["merges"][key][label]["scores"][t] for r in runs.values())
-                               / n, 2) for t in entry["scores"]}
-            change = {t: round(scores[t] - single[t], 2) for t in scores}
+        for label in dict.fromkeys(lb for r in runs.values() for lb in r["merges"].get(key, {})):
+            have = {s: r for s, r in runs.items() if label in r["merges"].get(key, {})}
+            combo = next(iter(have.values()))["merges"][key][label]["scores"]
+            scores = {t: round(mean(r["merges"][key][label]["scores"][t]
+                                    for r in have.values()), 2) for t in combo}
+            change = {t: round(scores[t] - mean(r["single"][t] for r in have.values()), 2)
+                      for t in scores}
             merges[key][label] = {"scores": scores, "change": change,
-                                  "worst": min(change.values())}
+                                  "worst": min(change.values()), "seeds": sorted(have)}
     labels = list(dict.fromkeys(label for m in merges.values() for label in m))
     verdict = {}
     for label in labels:  # a method run on some merges only is judged on those, never passed
@@ -196,15 +203,16 @@ def table(runs: dict[str, dict]) -> dict:
         verdict[label] = {"worst_pair": worst[2], "worst_4way": worst[4], "merges_run": run,
                           "meets_target": run == len(merges) and all(
                               w is None or w >= TARGET[s] for s, w in worst.items())}
-    tasks = list(single)
-    lines = ["| merge | method | " + " | ".join(tasks) + " | worst |",
-             "|---|---|" + "---|" * (len(tasks) + 1),
-             "| alone | - | " + " | ".join(f"{single[t]:.2f}" for t in tasks) + " | |"]
+    lines = ["| merge | method | seeds | " + " | ".join(tasks) + " | worst |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1),
+             f"| alone | - | {','.join(sorted(runs))} | "
+             + " | ".join(f"{single[t]:.2f}" for t in tasks) + " | |"]
     for key, by_label in merges.items():
         for label, m in by_label.items():
             cells = [f"{m['scores'][t]:.2f} ({m['change'][t]:+.2f})" if t in m["scores"] else ""
                      for t in tasks]
-            lines.append(f"| {key} | {label} | " + " | ".join(cells) + f" | {m['worst']:+.2f} |")
+            lines.append(f"| {key} | {label} | {','.join(m['seeds'])} | " + " | ".join(cells)
+                         + f" | {m['worst']:+.2f} |")
     return {"mean_over_seeds": sorted(runs), "single": single, "merges": merges, "verdict": verdict,
             "markdown": "\n".join(lines)}
 
