@@ -180,7 +180,8 @@ def table(runs: dict[str, dict]) -> dict:
         return sum(values) / len(values)
 
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r["single"]))
-    single = {t: round(mean(r["single"][t] for r in runs.values()), 2) for t in tasks}
+    single = {t: round(mean(r["single"][t] for r in runs.values() if t in r["single"]), 2)
+              for t in tasks}
     merges: dict[str, dict] = {}
     for key in dict.fromkeys(k for r in runs.values() for k in r["merges"]):
         merges[key] = {}
