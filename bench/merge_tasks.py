@@ -315,6 +315,7 @@ def main() -> None:
                 have = runs[seed]["single"]
                 if any(have.get(t, v) != v for t, v in run["single"].items()):
                     raise SystemExit(f"{f}: seed {seed} scored other adapters than before")
+                have.update(run["single"])
                 for key, by_label in run["merges"].items():
                     runs[seed]["merges"].setdefault(key, {}).update(by_label)
             setup.setdefault("seed_commands", []).extend(  # a union file: its own list
