@@ -41,6 +41,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 from merge_accuracy import parse_merges
 
@@ -175,22 +176,18 @@ def table(runs: dict[str, dict]) -> dict:
     """Per merge and method, the mean over the seeds that ran it of every score, its change
     against the same seeds' own adapters, and the worst change (a merge run on seed 1 only is
     compared with seed 1's adapters)."""
-    def mean(values) -> float:
-        values = list(values)
-        return sum(values) / len(values)
-
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r["single"]))
-    single = {t: round(mean(r["single"][t] for r in runs.values() if t in r["single"]), 2)
+    single = {t: round(fmean(r["single"][t] for r in runs.values() if t in r["single"]), 2)
               for t in tasks}
     merges: dict[str, dict] = {}
     for key in dict.fromkeys(k for r in runs.values() for k in r["merges"]):
         merges[key] = {}
         for label in dict.fromkeys(lb for r in runs.values() for lb in r["merges"].get(key, {})):
             have = {s: r for s, r in runs.items() if label in r["merges"].get(key, {})}
-            combo = next(iter(have.values()))["merges"][key][label]["scores"]
-            scores = {t: round(mean(r["merges"][key][label]["scores"][t]
-                                    for r in have.values()), 2) for t in combo}
-            change = {t: round(scores[t] - mean(r["single"][t] for r in have.values()), 2)
+            merged = next(iter(have.values()))["merges"][key][label]["scores"]
+            scores = {t: round(fmean(r["merges"][key][label]["scores"][t]
+                                     for r in have.values()), 2) for t in merged}
+            change = {t: round(scores[t] - fmean(r["single"][t] for r in have.values()), 2)
                       for t in scores}
             merges[key][label] = {"scores": scores, "change": change,
                                   "worst": min(change.values()), "seeds": sorted(have)}
