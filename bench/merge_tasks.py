@@ -85,7 +85,8 @@ def train_one(task: str, seed: int, args: argparse.Namespace) -> Path:
     kept = min(64 if args.quick else args.max_train or rows, rows - args.holdout)
     cfg = TrainConfig(task=task, data_dir=str(Path(args.data_dir).resolve()), seed=seed,
                       method_params={"mask_seed": 10 * TASK_ORDER.index(task) + seed},
-                      lr=args.lr, weight_decay=args.weight_decay,
+                      lr=args.lr, weight_decay=args.weight_decay, targets=args.targets,
+                      density=args.density,
                       max_train_examples=kept, max_steps=4 if args.quick else None,
                       eval_steps=5 if args.quick else None,  # quick: the final dev pass only
                       device=args.device, quiet=True, output=str(out))
@@ -225,6 +226,8 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     common = ["--data-dir", args.data_dir, "--workdir", args.workdir, "--device", args.device,
               "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
+              "--density", str(args.density), *(["--targets", args.targets] if args.targets
+                                                 else []),
               "--holdout", str(args.holdout), "--merges", args.merges, "--base-seed",
               str(args.base_seed), "--seeded-tasks", ",".join(args.seeded_tasks),
               *(["--max-dev", str(args.max_dev)] if args.max_dev else []),
@@ -272,6 +275,9 @@ def main() -> None:
                     help="the adapters' learning rate (default auto: SpaRTA's 1e-4/density)")
     ap.add_argument("--weight-decay", default="auto",
                     help="the adapters' decoupled weight decay (default auto: SpaRTA's 1.0)")
+    ap.add_argument("--targets", default=None, help="the adapters' --targets regex "
+                    "(default: every linear layer)")
+    ap.add_argument("--density", type=float, default=0.005, help="the adapters' SpaRTA density")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")
