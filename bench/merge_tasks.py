@@ -253,6 +253,8 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
 
 
 def main() -> None:
+    from sparsemerge.train.config import TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--workdir", default="runs/merge-tasks")
@@ -277,7 +279,8 @@ def main() -> None:
                     help="the adapters' decoupled weight decay (default auto: SpaRTA's 1.0)")
     ap.add_argument("--targets", default=None, help="the adapters' --targets regex "
                     "(default: every linear layer)")
-    ap.add_argument("--density", type=float, default=0.005, help="the adapters' SpaRTA density")
+    ap.add_argument("--density", type=float, default=TrainConfig.density,
+                    help="the adapters' SpaRTA density (default: sparsemerge train's)")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")
