@@ -39,20 +39,20 @@ def tiny(base: Path, synth, **kw) -> TrainConfig:
 
 
 def test_rule_scales_with_density_and_is_capped():
-    assert sparta_auto_lr(0.005) == pytest.approx(2e-2)
-    assert sparta_auto_lr(0.05) == pytest.approx(2e-3)
-    assert sparta_auto_lr(0.0313927) == pytest.approx(1e-4 / 0.0313927)
+    assert sparta_auto_lr(0.0313927) == pytest.approx(5e-3, rel=1e-3)  # LoRA r=8's count
+    assert sparta_auto_lr(0.05) == pytest.approx(3.14e-3)
+    assert sparta_auto_lr(0.005) == SPARTA_LR_MAX == pytest.approx(2e-2)
     assert sparta_auto_lr(1e-4) == SPARTA_LR_MAX
 
 
 def test_auto_resolution_per_method():
     sparta = TrainConfig(task="mrpc", density=0.01)
     assert sparta.lr == "auto"
-    assert sparta.learning_rate == pytest.approx(1e-2)
+    assert sparta.learning_rate == pytest.approx(1.57e-2)
     assert sparta.head_learning_rate == pytest.approx(5e-3)
     # -p density=... is the density the method uses, so the rule follows it
     assert TrainConfig(task="mrpc", method_params={"density": "0.05"}
-                       ).learning_rate == pytest.approx(2e-3)
+                       ).learning_rate == pytest.approx(3.14e-3)
     lora = TrainConfig(task="mrpc", method="lora")
     assert lora.learning_rate == DEFAULT_LR
     assert lora.head_learning_rate == pytest.approx(5 * DEFAULT_LR)
@@ -103,13 +103,13 @@ def test_auto_lr_reaches_optimizer_and_adapter(tiny_bert_dir, synth, tmp_path):
     cfg = tiny(tiny_bert_dir, synth, output=str(tmp_path / "a"))
     run = setup(cfg)
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
-    assert lrs == {"deltas": pytest.approx(1e-3), "head": 5e-3, "head_bias": 5e-3}
+    assert lrs == {"deltas": pytest.approx(1.57e-3), "head": 5e-3, "head_bias": 5e-3}
     decays = {g["name"]: g["weight_decay"] for g in run.optimizer.param_groups}
     assert decays == {"deltas": SPARTA_AUTO_WEIGHT_DECAY, "head": SPARTA_AUTO_WEIGHT_DECAY,
                       "head_bias": 0.0}
     train(cfg)
     hp = load_adapter(tmp_path / "a").hyperparameters
-    assert hp["lr"] == pytest.approx(1e-3) and hp["lr_rule"] == "auto"
+    assert hp["lr"] == pytest.approx(1.57e-3) and hp["lr_rule"] == "auto"
     assert hp["head_lr"] == 5e-3 and hp["weight_decay"] == SPARTA_AUTO_WEIGHT_DECAY
 
 

@@ -34,7 +34,7 @@ from sparsemerge.train.config import (
 
 _D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _LR_HELP = (f"Learning rate of the trainable backbone entries, or auto: SpaRTA "
-            f"{SPARTA_LR_X_DENSITY:g} / density, at most {SPARTA_LR_MAX:g} "
+            f"{SPARTA_LR_X_DENSITY:.2e} / density, at most {SPARTA_LR_MAX:g} "
             f"({sparta_auto_lr(_D['density']):g} at the default --density), other methods "
             f"{DEFAULT_LR:g}.")
 _DECAY_HELP = (f"AdamW decoupled weight decay of the deltas (or factors) and the head weight, "
