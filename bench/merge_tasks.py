@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=None,
                     help="train on at most the first N rows of each task (SST-2 has 67k)")
     ap.add_argument("--lr", default="auto",
-                    help="the adapters' learning rate (default auto: SpaRTA's rule, 2e-2 at 0.5%%)")
+                    help="the adapters' learning rate (default auto: train's SpaRTA rule)")
     ap.add_argument("--weight-decay", default="auto",
                     help="the adapters' decoupled weight decay (default auto: SpaRTA's 1.0)")
     ap.add_argument("--targets", default=None, help="the adapters' --targets regex "

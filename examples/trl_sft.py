@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.01,
                    help="share of each linear layer's entries that is trainable")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: SpaRTA's --lr auto rule, 1.57e-4 / density)")
+                   help="learning rate (default: SpaRTA's --lr auto rule at --density)")
     p.add_argument("--max-train-examples", type=int, default=1000)
     p.add_argument("--eval-examples", type=int, default=50,
                    help="dev rows answered with `generate` from the saved adapter")
