@@ -12,8 +12,10 @@ alone, then merged two at a time (all 6 pairs) and all 4 at once with every ``--
 ``merge --learn-weights S``, ``refit_heads=S`` ``merge --refit-heads S``), scored through the
 written multi-head model (``--no-pairs``: only the merge of all ``--tasks``).
 Metrics ×100: SST-2 accuracy, CoLA Matthews, MRPC F1, SMS spam F1 (each task's preset
-headline). Reported per merge: each task's change and the worst one. CoLA and MRPC are trained
-per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
+headline). Reported per merge: each task's change and the worst one. ``--base-model smollm2``
+runs the same on SmolLM2-135M-Instruct (bf16 base), each task asked in the chat format with a
+label-token head (the SpaRTA paper's setting; ``--epochs`` / ``--batch-size`` as ``train``'s).
+CoLA and MRPC are trained per ``--seeds``; SST-2 and SMS spam once (``--base-seed``).
 
 Phases, each its own process so several run at once on one GPU:
 
@@ -44,12 +46,29 @@ from pathlib import Path
 from statistics import fmean
 
 from merge_accuracy import parse_merges
+from rigsa_mnist import SMOLLM2_GGUF, smollm2_dir
 
 TASK_ORDER = ("sst2", "cola", "mrpc", "sms_spam")
 MERGES = ("sum,ties:density=1.0,sum:calibrate=300,ties:density=1.0;calibrate=300,"
           "sum:refit_heads=300,sum:calibrate=300;refit_heads=300")
 QUICK_MERGES = "sum,ties:density=1.0,sum:calibrate=16;refit_heads=8"
 TARGET = {2: -1.0, 4: -2.0}  # the issue's bar: worst change within 1 point (pairs), 2 (4-way)
+SMS_PROMPT = ("Is the following text message spam? Respond Yes or No.\n\n{sms_message}",
+              ("No", "Yes"))  # ham, spam
+
+
+def base_options(task: str, base_model: str) -> dict:
+    """TrainConfig fields of ``--base-model``: MiniLM-L6 (sparsemerge's default base, a fresh
+    classification head) or SmolLM2-135M-Instruct (bf16 base; each task asked in the chat
+    format through ``ZERO_SHOT_PROMPTS``' prompt, its head started from the answers' vocabulary
+    rows, as the SpaRTA paper does)."""
+    if base_model == "minilm":
+        return {}
+    from sparsemerge.forgetting import ZERO_SHOT_PROMPTS
+
+    template, answers = {**ZERO_SHOT_PROMPTS, "sms_spam": SMS_PROMPT}[task]
+    return dict(base=smollm2_dir(), gguf_file=SMOLLM2_GGUF, base_dtype="bf16",
+                template=template, chat_template=True, label_tokens=list(answers))
 
 
 def log(msg: str) -> None:
@@ -86,8 +105,9 @@ def train_one(task: str, seed: int, args: argparse.Namespace) -> Path:
     cfg = TrainConfig(task=task, data_dir=str(Path(args.data_dir).resolve()), seed=seed,
                       method_params={"mask_seed": 10 * TASK_ORDER.index(task) + seed},
                       lr=args.lr, weight_decay=args.weight_decay, targets=args.targets,
-                      density=args.density,
-                      max_train_examples=kept, max_steps=4 if args.quick else None,
+                      density=args.density, epochs=args.epochs, batch_size=args.batch_size,
+                      **base_options(task, args.base_model), max_train_examples=kept,
+                      max_steps=4 if args.quick else None,
                       eval_steps=5 if args.quick else None,  # quick: the final dev pass only
                       device=args.device, quiet=True, output=str(out))
     t0 = time.perf_counter()
@@ -112,7 +132,7 @@ def headline(task: str, metrics: dict[str, float]) -> float:
 
 def merge_seed(seed: int, args: argparse.Namespace) -> dict:
     """Every task alone and every merge of the run ``seed``'s adapters, on the dev splits."""
-    from sparsemerge.evaluate import load_adapted
+    from sparsemerge.evaluate import head_template, load_adapted
     from sparsemerge.merge.recipe import build_recipe, run_recipe
     from sparsemerge.multihead import MultiHeadModel
     from sparsemerge.scoring import evaluate_data
@@ -122,8 +142,9 @@ def merge_seed(seed: int, args: argparse.Namespace) -> dict:
     dev = {t: dev_data(t, args) for t in args.tasks}
     single = {}
     for t, p in paths.items():
-        model, tok, _, _ = load_adapted(str(p), device=args.device)
-        single[t] = headline(t, evaluate_data(model, tok, dev[t]))
+        model, tok, adapter, name = load_adapted(str(p), device=args.device)
+        single[t] = headline(t, evaluate_data(model, tok, dev[t],  # as the merged heads do
+                                              template=head_template(adapter, name)))
         log(f"seed {seed} {t} alone: {single[t]:.2f}")
     combos = [list(c) for c in itertools.combinations(args.tasks, 2)] if args.pairs else []
     if len(args.tasks) > 2 or not combos:
@@ -226,7 +247,9 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     common = ["--data-dir", args.data_dir, "--workdir", args.workdir, "--device", args.device,
               "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
-              "--density", str(args.density), *(["--targets", args.targets] if args.targets
+              "--density", str(args.density), "--epochs", str(args.epochs),
+              "--batch-size", str(args.batch_size), "--base-model", args.base_model,
+              *(["--targets", args.targets] if args.targets
                                                  else []),
               "--holdout", str(args.holdout), "--merges", args.merges, "--base-seed",
               str(args.base_seed), "--seeded-tasks", ",".join(args.seeded_tasks),
@@ -281,6 +304,12 @@ def main() -> None:
                     "(default: every linear layer)")
     ap.add_argument("--density", type=float, default=TrainConfig.density,
                     help="the adapters' SpaRTA density (default: sparsemerge train's)")
+    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--base-model", choices=("minilm", "smollm2"), default="minilm",
+                    help="minilm: MiniLM-L6 with a new head per task; smollm2: "
+                    "SmolLM2-135M-Instruct (bf16), each task prompted in the chat format with "
+                    "label-token heads")
     ap.add_argument("--quick", action="store_true")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--train-only", action="store_true")
