@@ -249,8 +249,7 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
               "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
               "--density", str(args.density), "--epochs", str(args.epochs),
               "--batch-size", str(args.batch_size), "--base-model", args.base_model,
-              *(["--targets", args.targets] if args.targets
-                                                 else []),
+              *(["--targets", args.targets] if args.targets else []),
               "--holdout", str(args.holdout), "--merges", args.merges, "--base-seed",
               str(args.base_seed), "--seeded-tasks", ",".join(args.seeded_tasks),
               *(["--max-dev", str(args.max_dev)] if args.max_dev else []),
