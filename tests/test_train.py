@@ -179,8 +179,9 @@ def test_fast_and_autograd_agree(fixture, request, synth):
     for name, t in out["fast"].targets.items():
         other = out["autograd"].targets[name]
         assert torch.equal(t.sparse.indices, other.sparse.indices)
+        # saved in bf16: fp32 values that agree to 1e-4 can round one bf16 step (2**-7) apart
         torch.testing.assert_close(t.sparse.values.float(), other.sparse.values.float(),
-                                   rtol=1e-3, atol=1e-5)
+                                   rtol=2 ** -7, atol=1e-5)
 
 
 def test_sparta_mask_is_seeded(tiny_bert_dir, synth, tmp_path):
