@@ -238,8 +238,8 @@ def table(runs: dict[str, dict]) -> dict:
 
 
 def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
-    """Every training run, then every seed's merges, as ``--jobs`` processes at a time (logs
-    in WORKDIR/logs); returns the per-seed result files."""
+    """Every training run, then (unless ``--train-only``) every seed's merges, as ``--jobs``
+    processes at a time (logs in WORKDIR/logs); returns the per-seed result files."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
@@ -268,6 +268,8 @@ def run_parallel(seeds: list[int], args: argparse.Namespace) -> list[str]:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda r: launch(f"train-{r[0]}-s{r[1]}", [
             "--train-only", "--tasks", r[0], "--seeds", str(r[1])]), runs))
+        if args.train_only:
+            return []
         list(pool.map(lambda so: launch(f"merge-s{so[0]}", [
             "--merge", "--tasks", ",".join(args.tasks), "--seeds", str(so[0]), "--out", so[1]]),
             zip(seeds, outs, strict=True)))
@@ -315,7 +317,8 @@ def main() -> None:
     phase.add_argument("--merge", action="store_true")
     phase.add_argument("--table", nargs="+", metavar="FILE", help="per-seed --out files")
     ap.add_argument("--jobs", type=int, default=1, help="all phases as this many processes "
-                    "at a time (one per training run, then one per seed)")
+                    "at a time (one per training run, then one per seed; with --train-only the "
+                    "training runs only)")
     ap.add_argument("--out", help="results JSON (default: printed only)")
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -328,7 +331,9 @@ def main() -> None:
     setup = {k: v for k, v in vars(args).items() if k != "table"}
     setup["command"] = " ".join(["python", *sys.argv])
 
-    if args.train_only:
+    if args.train_only and args.jobs > 1:
+        run_parallel(seeds, args)
+    if args.train_only:  # (after a parallel run every adapter is present: nothing retrains)
         for seed in seeds:
             for t in args.tasks:
                 train_one(t, task_seed(t, seed, args), args)
