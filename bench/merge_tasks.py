@@ -331,12 +331,13 @@ def main() -> None:
     setup = {k: v for k, v in vars(args).items() if k != "table"}
     setup["command"] = " ".join(["python", *sys.argv])
 
-    if args.train_only and args.jobs > 1:
-        run_parallel(seeds, args)
-    if args.train_only:  # (after a parallel run every adapter is present: nothing retrains)
-        for seed in seeds:
-            for t in args.tasks:
-                train_one(t, task_seed(t, seed, args), args)
+    if args.train_only:
+        if args.jobs > 1:
+            run_parallel(seeds, args)
+        else:
+            for seed in seeds:
+                for t in args.tasks:
+                    train_one(t, task_seed(t, seed, args), args)
         print(json.dumps({"trained": [str(adapter_dir(Path(args.workdir), t,
                                                        task_seed(t, s, args)))
                                       for s in seeds for t in args.tasks]}))
